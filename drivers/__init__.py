@@ -1,0 +1,12 @@
+"""Protocol drivers. Each subpackage speaks one protocol; they never import each other or sinks.
+
+``BUILTIN`` maps a config ``driver:`` value to ``"module:factory"``; the runtime imports lazily.
+"""
+
+from __future__ import annotations
+
+__all__ = ["BUILTIN"]
+
+BUILTIN: dict[str, str] = {
+    "modbus_tcp": "drivers.modbus.driver:ModbusTcpDriver",
+}

@@ -1,0 +1,39 @@
+"""The contract between the runtime and a protocol driver.
+
+A driver is one logical device. It is scheduled, timed out, retried and counted by
+``gateway.runner``; it never loops or sleeps between polls itself.
+
+- ``connect()`` may be called again after any failure and must not leak resources.
+- ``read(group)`` performs exactly one poll of one read group and returns one ``RawSample`` per
+  tag of that group. A failure of part of the device is reported per tag (``RawSample.reason``);
+  a failure of the whole device raises a ``gateway.errors.DeviceError``.
+- ``close()`` is idempotent and safe after a failed or partial ``connect()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+from gateway.model import RawSample, ReadGroup, TagSpec
+
+__all__ = ["Describable", "Driver"]
+
+
+class Driver(Protocol):
+    name: str
+    tags: Sequence[TagSpec]
+    groups: Sequence[ReadGroup]
+
+    async def connect(self) -> None: ...
+
+    async def read(self, group: int) -> Sequence[RawSample]: ...
+
+    async def close(self) -> None: ...
+
+
+@runtime_checkable
+class Describable(Protocol):
+    """A driver that can explain its read plan, logged once at start-up."""
+
+    def describe_plan(self) -> list[str]: ...

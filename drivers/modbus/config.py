@@ -1,0 +1,310 @@
+"""Config models of the Modbus drivers, and the Modbus-specific cross-checks.
+
+Pure: no I/O, no pymodbus. ``gateway.config`` embeds these models in the gateway config and
+calls ``check_device`` in its cross-check pass.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = [
+    "MAX_BITS_PER_REQUEST",
+    "MAX_REGISTERS_PER_REQUEST",
+    "REGISTER_WIDTH",
+    "Addressing",
+    "ByteOrder",
+    "DataType",
+    "ModbusTag",
+    "ModbusTcpDevice",
+    "Table",
+    "Workarounds",
+    "check_device",
+    "register_count",
+    "resolve_address",
+]
+
+#: Modbus Application Protocol v1.1b3 §6.3/§6.1: FC3/FC4 read 1..125 registers, FC1/FC2 1..2000.
+MAX_REGISTERS_PER_REQUEST = 125
+MAX_BITS_PER_REQUEST = 2000
+
+_Name = Annotated[str, Field(min_length=1, max_length=64)]
+_Seconds = Annotated[float, Field(gt=0, le=86_400)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
+
+
+class Table(enum.StrEnum):
+    COIL = "coil"
+    DISCRETE_INPUT = "discrete_input"
+    HOLDING = "holding"
+    INPUT = "input"
+
+    @property
+    def is_bits(self) -> bool:
+        return self in (Table.COIL, Table.DISCRETE_INPUT)
+
+
+class DataType(enum.StrEnum):
+    BOOL = "bool"  # a coil or discrete input
+    BIT = "bit"  # one bit of a register, chosen by ``bit``
+    INT16 = "int16"
+    UINT16 = "uint16"
+    INT32 = "int32"
+    UINT32 = "uint32"
+    INT64 = "int64"
+    UINT64 = "uint64"
+    FLOAT32 = "float32"
+    FLOAT64 = "float64"
+    BCD16 = "bcd16"
+    BCD32 = "bcd32"
+    STRING = "string"  # ``count`` registers of ASCII, two characters per register
+
+
+class ByteOrder(enum.StrEnum):
+    """Where the bytes of a value land in the registers, written as the value's bytes.
+
+    The value's most significant byte is A. ``ABCD`` is the Modbus standard (big-endian bytes,
+    high word first). ``CDAB`` swaps the words, ``BADC`` swaps the bytes inside each word and
+    ``DCBA`` does both. The 8-letter names say the same for 64-bit values; a 4-letter name on
+    a 64-bit value means the same swaps. On 16-bit values only the byte swap matters.
+    """
+
+    ABCD = "ABCD"
+    BADC = "BADC"
+    CDAB = "CDAB"
+    DCBA = "DCBA"
+    ABCDEFGH = "ABCDEFGH"
+    BADCFEHG = "BADCFEHG"
+    GHEFCDAB = "GHEFCDAB"
+    HGFEDCBA = "HGFEDCBA"
+
+    @property
+    def swap_bytes(self) -> bool:
+        """Bytes inside each register are little-endian."""
+        return self in (ByteOrder.BADC, ByteOrder.DCBA, ByteOrder.BADCFEHG, ByteOrder.HGFEDCBA)
+
+    @property
+    def swap_words(self) -> bool:
+        """The low word comes first."""
+        return self in (ByteOrder.CDAB, ByteOrder.DCBA, ByteOrder.GHEFCDAB, ByteOrder.HGFEDCBA)
+
+
+class Addressing(enum.StrEnum):
+    """How the ``address`` of every tag of a device is written. Never guessed.
+
+    - ``zero_based``: the protocol address on the wire (0..65535); ``table`` is required.
+    - ``one_based``: register number 1..65536 within ``table``, as many manuals print it.
+    - ``modicon``: the 5- or 6-digit reference (``40001``, ``400001``, ``30001``, ``10001``,
+      ``00001``). The leading digit names the table; ``table`` may be given but must agree.
+      Coils above 09999 must be written as a quoted 6-digit string (``"012345"``).
+    """
+
+    ZERO_BASED = "zero_based"
+    ONE_BASED = "one_based"
+    MODICON = "modicon"
+
+
+#: Registers a value of each fixed-width type occupies.
+REGISTER_WIDTH: dict[DataType, int] = {
+    DataType.BIT: 1,
+    DataType.INT16: 1,
+    DataType.UINT16: 1,
+    DataType.BCD16: 1,
+    DataType.INT32: 2,
+    DataType.UINT32: 2,
+    DataType.FLOAT32: 2,
+    DataType.BCD32: 2,
+    DataType.INT64: 4,
+    DataType.UINT64: 4,
+    DataType.FLOAT64: 4,
+}
+
+
+class ModbusTag(_Strict):
+    """One value read from a Modbus device."""
+
+    name: _Name
+    table: Table | None = Field(
+        default=None, description="Register table; optional only with modicon addressing."
+    )
+    address: int | str = Field(
+        description="Address, written as the device's `addressing` says (e.g. 0, 1, 40001)."
+    )
+    type: DataType = DataType.UINT16
+    order: ByteOrder = Field(
+        default=ByteOrder.ABCD, description="Byte and word order of multi-byte values."
+    )
+    bit: int | None = Field(default=None, ge=0, le=15, description="Bit index for type `bit`.")
+    count: int | None = Field(
+        default=None, ge=1, le=MAX_REGISTERS_PER_REQUEST, description="Registers (strings)."
+    )
+    scale: float = 1.0
+    offset: float = 0.0
+    unit: str | None = Field(default=None, max_length=32, description="Engineering unit.")
+    description: str = ""
+    interval: _Seconds | None = Field(default=None, description="Overrides the device interval.")
+    deadband: float | None = Field(default=None, ge=0)
+    min: float | None = Field(default=None, description="Expected minimum; below is Uncertain.")
+    max: float | None = Field(default=None, description="Expected maximum; above is Uncertain.")
+
+
+class Workarounds(_Strict):
+    """Named quirks of real devices. Each defaults to the behaviour of a well-behaved device."""
+
+    pause_after_connect: float = Field(
+        default=0.0, ge=0, le=60, description="Seconds to wait after connecting (slow gateways)."
+    )
+    pause_between_requests: float = Field(
+        default=0.0, ge=0, le=10, description="Seconds of silence between two requests."
+    )
+    max_registers_per_request: int = Field(default=MAX_REGISTERS_PER_REQUEST, ge=1, le=125)
+    max_bits_per_request: int = Field(default=MAX_BITS_PER_REQUEST, ge=1, le=2000)
+    one_request_per_tag: bool = Field(
+        default=False, description="Never merge tags into one request."
+    )
+    close_after_poll: bool = Field(
+        default=False, description="Disconnect after every poll (devices that drop idle links)."
+    )
+
+
+class ModbusTcpDevice(_Strict):
+    """A Modbus TCP server: a PLC, a controller, or a TCP-to-serial gateway (one unit id)."""
+
+    driver: Literal["modbus_tcp"]
+    name: _Name
+    machine: _Name = Field(description="The machine this device belongs to, e.g. lathe-3.")
+    enabled: bool = True
+    host: str = Field(min_length=1)
+    port: int = Field(default=502, ge=1, le=65535)
+    unit_id: int = Field(default=1, ge=0, le=255)
+    timeout: _Seconds = Field(default=1.0, description="Seconds to wait for one response.")
+    connect_timeout: _Seconds = Field(default=3.0, description="Seconds to wait for a connect.")
+    interval: _Seconds = Field(default=1.0, description="Poll interval in seconds.")
+    addressing: Addressing
+    max_gap: int = Field(
+        default=10, ge=0, le=124, description="Unused registers a request may span to merge."
+    )
+    workarounds: Workarounds = Workarounds()
+    tags: list[ModbusTag] = Field(default_factory=list)
+    tags_csv: str | None = Field(
+        default=None, description="CSV register table, relative to this config file."
+    )
+
+
+def resolve_address(
+    addressing: Addressing, table: Table | None, address: int | str
+) -> tuple[Table, int]:
+    """Turn a configured address into ``(table, protocol address)``.
+
+    Raises ``ValueError`` with a message fit for the user.
+    """
+    text = str(address).strip()
+    if not text.isdigit():
+        raise ValueError(f"address {address!r} is not a whole number")
+    number = int(text)
+    if addressing is Addressing.MODICON:
+        return _resolve_modicon(table, text, number)
+    if table is None:
+        raise ValueError(f"`table` is required with {addressing.value} addressing")
+    if addressing is Addressing.ONE_BASED:
+        if not 1 <= number <= 65536:
+            raise ValueError(f"one_based address {number} is outside 1..65536")
+        return table, number - 1
+    if not 0 <= number <= 65535:
+        raise ValueError(f"zero_based address {number} is outside 0..65535")
+    return table, number
+
+
+_MODICON_PREFIX = {
+    "0": Table.COIL,
+    "1": Table.DISCRETE_INPUT,
+    "3": Table.INPUT,
+    "4": Table.HOLDING,
+}
+
+
+def _resolve_modicon(table: Table | None, text: str, number: int) -> tuple[Table, int]:
+    # A bare YAML int loses leading zeros: 1 means 00001 (coil 0). Numbers below 100000 are
+    # therefore read as 5-digit references, larger ones as 6-digit; quoted strings keep
+    # their length and decide for themselves.
+    digits = text if len(text) in (5, 6) else text.zfill(5 if number < 100_000 else 6)
+    if len(digits) not in (5, 6):
+        raise ValueError(f"modicon address {text} is not a 5- or 6-digit reference")
+    prefix, rest = digits[0], int(digits[1:])
+    found = _MODICON_PREFIX.get(prefix)
+    if found is None:
+        raise ValueError(
+            f"modicon address {digits} starts with {prefix}; expected 0, 1, 3 or 4"
+        )
+    limit = 9999 if len(digits) == 5 else 65536
+    if not 1 <= rest <= limit:
+        raise ValueError(f"modicon address {digits} is outside {prefix}{'0' * (len(digits) - 2)}1"
+                         f"..{prefix}{limit}")
+    if table is not None and table is not found:
+        raise ValueError(f"modicon address {digits} is in table {found.value}, not {table.value}")
+    return found, rest - 1
+
+
+def register_count(tag: ModbusTag) -> int:
+    """Registers (or bits, for bit tables) the tag occupies."""
+    if tag.type is DataType.BOOL:
+        return 1
+    if tag.type is DataType.STRING:
+        return tag.count or 0
+    return REGISTER_WIDTH[tag.type]
+
+
+def check_device(device: ModbusTcpDevice) -> list[tuple[tuple[str | int, ...], str]]:
+    """Modbus-specific cross-checks. Returns ``(location under the device, message)`` pairs."""
+    issues: list[tuple[tuple[str | int, ...], str]] = []
+    for i, tag in enumerate(device.tags):
+        here: tuple[str | int, ...] = ("tags", i)
+        try:
+            table, address = resolve_address(device.addressing, tag.table, tag.address)
+        except ValueError as exc:
+            issues.append(((*here, "address"), str(exc)))
+            continue
+        issues.extend(((*here, *loc), msg) for loc, msg in _check_tag(tag, table, address))
+    return issues
+
+
+def _check_tag(
+    tag: ModbusTag, table: Table, address: int
+) -> list[tuple[tuple[str, ...], str]]:
+    out: list[tuple[tuple[str, ...], str]] = []
+    if table.is_bits != (tag.type is DataType.BOOL):
+        if table.is_bits:
+            out.append((("type",), f"a {table.value} holds one bit: use type bool, not {tag.type}"))
+        else:
+            out.append((("type",), f"type bool needs a coil or discrete_input; use type bit "
+                                   f"with `bit:` for a bit of a {table.value} register"))
+    if tag.type is DataType.BIT and tag.bit is None:
+        out.append((("bit",), "type bit needs `bit:` (0..15)"))
+    if tag.bit is not None and tag.type is not DataType.BIT:
+        out.append((("bit",), f"`bit:` only applies to type bit, not {tag.type}"))
+    if tag.type is DataType.STRING:
+        if tag.count is None:
+            out.append((("count",), "type string needs `count:` (registers, 2 chars each)"))
+    elif tag.count is not None:
+        width = 1 if tag.type is DataType.BOOL else REGISTER_WIDTH[tag.type]
+        if tag.count != width:
+            out.append((("count",), f"type {tag.type} is {width} register(s) wide, not {tag.count}"))
+    if len(tag.order.value) == 8 and tag.type not in (
+        DataType.INT64, DataType.UINT64, DataType.FLOAT64
+    ):
+        out.append((("order",), f"order {tag.order} is for 64-bit types, not {tag.type}"))
+    if address + register_count(tag) > 65536:
+        out.append((("address",), "the value runs past the end of the table (65535)"))
+    if tag.min is not None and tag.max is not None and tag.min > tag.max:
+        out.append((("min",), f"min {tag.min} is greater than max {tag.max}"))
+    if tag.type in (DataType.BOOL, DataType.BIT, DataType.STRING) and (
+        tag.scale != 1.0 or tag.offset != 0.0
+    ):
+        out.append((("scale",), f"scale/offset do not apply to type {tag.type}"))
+    return out

@@ -1,0 +1,122 @@
+"""The data model every part of the gateway speaks: readings, quality and their reasons.
+
+This module imports nothing of ours, so drivers, the runtime and sinks can all depend on it
+without depending on each other.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+__all__ = ["Quality", "RawSample", "ReadGroup", "Reading", "Reason", "TagKey", "TagSpec", "Value"]
+
+#: A value as it leaves normalisation: numbers are int or float, strings stay strings.
+Value = bool | int | float | str
+
+#: ``"<machine>/<tag>"``: unique across the gateway, and the tail of the MQTT topic.
+TagKey = str
+
+
+class Quality(enum.IntEnum):
+    """Coarse quality, ordered so that ``max()`` of several gives the worst.
+
+    The numbers are ours; the OPC UA sink maps them to StatusCodes together with the reason.
+    """
+
+    GOOD = 0
+    UNCERTAIN = 1
+    BAD = 2
+
+
+class Reason(enum.StrEnum):
+    """Why a value is not Good. ``NONE`` only ever goes with Good."""
+
+    NONE = ""
+    #: Bad: never read since start-up (OPC UA BadWaitingForInitialData).
+    WAITING = "waiting_for_initial_data"
+    #: Bad: the device cannot be reached or the connection broke.
+    NO_COMMUNICATION = "no_communication"
+    #: Bad: the device did not answer within the timeout.
+    TIMEOUT = "timeout"
+    #: Bad: the device answered with a protocol exception (detail names the code).
+    DEVICE_EXCEPTION = "device_exception"
+    #: Bad: the device answered, but the bytes do not decode as the configured type.
+    DECODE_ERROR = "decode_error"
+    #: Uncertain: decoded fine but outside the tag's expected min/max.
+    OUT_OF_RANGE = "out_of_range"
+    #: Uncertain: the value has not been refreshed for several of its intervals.
+    STALE = "stale"
+
+
+@dataclass(slots=True, frozen=True)
+class RawSample:
+    """What a driver returns for one tag: a typed value before scaling, or why there is none.
+
+    ``index`` is the tag's position in the device's compiled tag list; drivers and the runner
+    agree on it at compile time so that the hot path never looks tags up by name.
+    """
+
+    index: int
+    value: Value | None
+    raw: tuple[int, ...] = ()
+    reason: Reason = Reason.NONE
+    detail: str = ""
+
+
+@dataclass(slots=True, frozen=True)
+class Reading:
+    """One tag's normalised value with its quality and source timestamp.
+
+    ``source_ts`` is the wall-clock time (epoch seconds) at which the value was read from the
+    device. When a device goes silent the last value is kept with Bad quality and its
+    original ``source_ts``: a consumer can always tell how old the number is.
+    """
+
+    key: TagKey
+    value: Value | None
+    quality: Quality
+    source_ts: float
+    reason: Reason = Reason.NONE
+    detail: str = ""
+    raw: tuple[int, ...] = ()
+
+    @property
+    def good(self) -> bool:
+        return self.quality is Quality.GOOD
+
+
+@dataclass(slots=True, frozen=True)
+class TagSpec:
+    """Everything the runtime and the sinks need to know about a tag, whatever its driver.
+
+    Drivers compile their own config into a tuple of these; ``index`` is the position in it.
+    """
+
+    index: int
+    machine: str
+    device: str
+    name: str
+    datatype: str
+    unit: str | None = None
+    description: str = ""
+    scale: float = 1.0
+    offset: float = 0.0
+    minimum: float | None = None
+    maximum: float | None = None
+    deadband: float | None = None
+    interval: float = 1.0
+    #: A human-readable origin, such as ``holding 40001`` or ``coil 12``, for tables and logs.
+    source: str = ""
+
+    @property
+    def key(self) -> TagKey:
+        return f"{self.machine}/{self.name}"
+
+
+@dataclass(slots=True, frozen=True)
+class ReadGroup:
+    """Tags of one device that are polled together on one interval."""
+
+    interval: float
+    indices: tuple[int, ...]
