@@ -7,6 +7,8 @@ A driver is one logical device. It is scheduled, timed out, retried and counted 
 - ``read(group)`` performs exactly one poll of one read group and returns one ``RawSample`` per
   tag of that group. A failure of part of the device is reported per tag (``RawSample.reason``);
   a failure of the whole device raises a ``gateway.errors.DeviceError``.
+- Pauses that a device quirk demands *inside* one poll (``workarounds``) are the driver's to
+  keep; waiting *between* polls is the runner's.
 - ``close()`` is idempotent and safe after a failed or partial ``connect()``.
 """
 
@@ -28,6 +30,10 @@ class Driver(Protocol):
     async def connect(self) -> None: ...
 
     async def read(self, group: int) -> Sequence[RawSample]: ...
+
+    def poll_timeout(self, group: int) -> float:
+        """Upper bound in seconds for one ``read(group)``; the runner cancels a read after it."""
+        ...
 
     async def close(self) -> None: ...
 

@@ -47,11 +47,12 @@ def _no_leaked_threads() -> Iterator[None]:
 @pytest.fixture(autouse=True)
 async def _no_leaked_tasks() -> AsyncIterator[None]:
     # Async autouse fixture: runs inside the test's event loop, so it sees the test's tasks.
-    me = asyncio.current_task()
-    before = set(asyncio.all_tasks()) - {me}
+    # pytest-asyncio may run set-up and tear-down of this fixture in different tasks.
+    before = set(asyncio.all_tasks())
     yield
     leaked: set[asyncio.Task[object]] = set()
     for _ in range(20):
+        me = asyncio.current_task()
         leaked = {t for t in asyncio.all_tasks() - before if t is not me and not t.done()}
         if not leaked:
             return

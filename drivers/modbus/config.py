@@ -183,7 +183,9 @@ class ModbusTcpDevice(_Strict):
     host: str = Field(min_length=1)
     port: int = Field(default=502, ge=1, le=65535)
     unit_id: int = Field(default=1, ge=0, le=255)
-    timeout: _Seconds = Field(default=1.0, description="Seconds to wait for one response.")
+    timeout: _Seconds = Field(
+        default=0.5, description="Seconds to wait for one response; shorter than `interval`."
+    )
     connect_timeout: _Seconds = Field(default=3.0, description="Seconds to wait for a connect.")
     interval: _Seconds = Field(default=1.0, description="Poll interval in seconds.")
     addressing: Addressing
@@ -239,13 +241,13 @@ def _resolve_modicon(table: Table | None, text: str, number: int) -> tuple[Table
     prefix, rest = digits[0], int(digits[1:])
     found = _MODICON_PREFIX.get(prefix)
     if found is None:
-        raise ValueError(
-            f"modicon address {digits} starts with {prefix}; expected 0, 1, 3 or 4"
-        )
+        raise ValueError(f"modicon address {digits} starts with {prefix}; expected 0, 1, 3 or 4")
     limit = 9999 if len(digits) == 5 else 65536
     if not 1 <= rest <= limit:
-        raise ValueError(f"modicon address {digits} is outside {prefix}{'0' * (len(digits) - 2)}1"
-                         f"..{prefix}{limit}")
+        raise ValueError(
+            f"modicon address {digits} is outside {prefix}{'0' * (len(digits) - 2)}1"
+            f"..{prefix}{limit}"
+        )
     if table is not None and table is not found:
         raise ValueError(f"modicon address {digits} is in table {found.value}, not {table.value}")
     return found, rest - 1
@@ -274,16 +276,19 @@ def check_device(device: ModbusTcpDevice) -> list[tuple[tuple[str | int, ...], s
     return issues
 
 
-def _check_tag(
-    tag: ModbusTag, table: Table, address: int
-) -> list[tuple[tuple[str, ...], str]]:
+def _check_tag(tag: ModbusTag, table: Table, address: int) -> list[tuple[tuple[str, ...], str]]:
     out: list[tuple[tuple[str, ...], str]] = []
     if table.is_bits != (tag.type is DataType.BOOL):
         if table.is_bits:
             out.append((("type",), f"a {table.value} holds one bit: use type bool, not {tag.type}"))
         else:
-            out.append((("type",), f"type bool needs a coil or discrete_input; use type bit "
-                                   f"with `bit:` for a bit of a {table.value} register"))
+            out.append(
+                (
+                    ("type",),
+                    f"type bool needs a coil or discrete_input; use type bit "
+                    f"with `bit:` for a bit of a {table.value} register",
+                )
+            )
     if tag.type is DataType.BIT and tag.bit is None:
         out.append((("bit",), "type bit needs `bit:` (0..15)"))
     if tag.bit is not None and tag.type is not DataType.BIT:
@@ -294,9 +299,13 @@ def _check_tag(
     elif tag.count is not None:
         width = 1 if tag.type is DataType.BOOL else REGISTER_WIDTH[tag.type]
         if tag.count != width:
-            out.append((("count",), f"type {tag.type} is {width} register(s) wide, not {tag.count}"))
+            out.append(
+                (("count",), f"type {tag.type} is {width} register(s) wide, not {tag.count}")
+            )
     if len(tag.order.value) == 8 and tag.type not in (
-        DataType.INT64, DataType.UINT64, DataType.FLOAT64
+        DataType.INT64,
+        DataType.UINT64,
+        DataType.FLOAT64,
     ):
         out.append((("order",), f"order {tag.order} is for 64-bit types, not {tag.type}"))
     if address + register_count(tag) > 65536:

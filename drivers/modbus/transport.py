@@ -1,0 +1,537 @@
+"""The only module of ours that imports pymodbus: a Modbus TCP client and server façade.
+
+pymodbus changes its API between minor releases (the pin is ``~=3.16.0``); everything the
+gateway, the simulator and the tests need from it goes through the two classes here, and
+every pymodbus exception is mapped to ``gateway.errors`` before it leaves this module.
+
+- :class:`ModbusTcpTransport` is the client: one TCP connection to one unit id, one request
+  on the wire at a time, no retries and no reconnects of its own (the runner owns both).
+- :class:`RegisterServer` serves :class:`~drivers.modbus.simulator.SimulatedDevice` objects
+  as a real pymodbus TCP server, with injectable faults; it is the peer of the tests and
+  of ``retrofit-gw simulate``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import socket
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Self
+
+from pymodbus.client import AsyncModbusTcpClient
+from pymodbus.constants import ExcCodes
+from pymodbus.exceptions import (
+    ConnectionException,
+    ModbusException,
+    ModbusIOException,
+    NoSuchIdException,
+)
+from pymodbus.pdu import ExceptionResponse, ModbusPDU
+from pymodbus.pdu.bit_message import ReadCoilsRequest, ReadDiscreteInputsRequest
+from pymodbus.server import ModbusTcpServer
+from pymodbus.simulator import DataType, SimData, SimDevice
+
+from drivers.modbus.config import Table
+from drivers.modbus.simulator import SimulatedDevice, WritableDevice
+from gateway.errors import ConnectionLost, DecodeError, DeviceException, DeviceTimeout
+
+__all__ = ["EXCEPTION_NAMES", "ModbusTcpTransport", "RegisterServer"]
+
+log = logging.getLogger("drivers.modbus.transport")
+
+#: Modbus Application Protocol v1.1b3 §7.
+EXCEPTION_NAMES: dict[int, str] = {
+    1: "ILLEGAL FUNCTION",
+    2: "ILLEGAL DATA ADDRESS",
+    3: "ILLEGAL DATA VALUE",
+    4: "SERVER DEVICE FAILURE",
+    5: "ACKNOWLEDGE",
+    6: "SERVER DEVICE BUSY",
+    7: "NEGATIVE ACKNOWLEDGE",
+    8: "MEMORY PARITY ERROR",
+    10: "GATEWAY PATH UNAVAILABLE",
+    11: "GATEWAY TARGET DEVICE FAILED TO RESPOND",
+}
+
+
+def _set_nodelay(transport: asyncio.BaseTransport | None) -> None:
+    # Modbus sends one small frame and waits for the answer: Nagle plus delayed ACKs would
+    # add ~40 ms to some round trips. asyncio already sets this on TCP transports; setting it
+    # here makes it a property of this module rather than of the event loop implementation.
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+# -- client ---------------------------------------------------------------------------------
+
+
+class ModbusTcpTransport:
+    """One Modbus TCP connection to one unit id.
+
+    ``read`` returns exactly ``count`` values or raises a ``gateway.errors.DeviceError``:
+    ``DeviceException`` for an exception response (the link stays up), ``DeviceTimeout`` for
+    no answer (the link is closed, so a late answer can never pair with the next request),
+    ``ConnectionLost`` when not connected or the link broke, ``DecodeError`` for an answer
+    of the wrong length. Calls must not overlap: the driver awaits each before the next.
+    """
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        unit_id: int,
+        timeout: float,
+        connect_timeout: float,
+        name: str,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.unit_id = unit_id
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self.name = name
+        self._client: AsyncModbusTcpClient | None = None
+
+    def __repr__(self) -> str:
+        return f"ModbusTcpTransport({self.name} {self.host}:{self.port}/{self.unit_id})"
+
+    @property
+    def connected(self) -> bool:
+        client = self._client
+        return client is not None and client.connected
+
+    @property
+    def tcp_nodelay(self) -> bool:
+        """Whether the socket has Nagle's algorithm off, read back from the socket."""
+        client = self._client
+        transport = client.ctx.transport if client is not None else None
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        if sock is None:
+            return False
+        return bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+    async def connect(self) -> None:
+        """Open the connection; a no-op when connected. Raises ConnectionLost or DeviceTimeout."""
+        if self.connected:
+            return
+        await self.close()
+        # A fresh client per connection: nothing of a broken link's state carries over.
+        # reconnect_delay=0 disables pymodbus's reconnect task (ModbusProtocol.connection_lost
+        # only schedules one when it is non-zero) and retries=0 makes one call one request.
+        client = AsyncModbusTcpClient(
+            self.host,
+            port=self.port,
+            name=self.name,
+            reconnect_delay=0,
+            reconnect_delay_max=0,
+            timeout=self.connect_timeout,
+            retries=0,
+        )
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            ok = await client.connect()
+        except BaseException:
+            client.close()
+            raise
+        if not ok:
+            client.close()
+            # pymodbus reports every failure as False; only the time taken tells a timeout
+            # (nobody answered) from a refusal or an unreachable network.
+            if loop.time() - started >= self.connect_timeout * 0.95:
+                raise DeviceTimeout(
+                    f"{self.name}: no connection to {self.host}:{self.port} within "
+                    f"{self.connect_timeout:g} s"
+                )
+            raise ConnectionLost(f"{self.name}: cannot connect to {self.host}:{self.port}")
+        # pymodbus has one timeout for connecting and for each response; from now on it is
+        # the response timeout.
+        client.ctx.comm_params.timeout_connect = self.timeout
+        _set_nodelay(client.ctx.transport)
+        self._client = client
+
+    async def close(self) -> None:
+        """Close the connection; idempotent and safe after a failed connect."""
+        client, self._client = self._client, None
+        if client is not None:
+            client.close()
+            # The transport closes its socket in a callback; let it run so that no socket
+            # outlives close() (and no ResourceWarning fires when the loop ends first).
+            await asyncio.sleep(0)
+
+    async def __aenter__(self) -> Self:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def read(self, table: Table, address: int, count: int) -> list[int] | list[bool]:
+        """Read ``count`` registers (ints) or bits (bools) of ``table`` from ``address``."""
+        client = self._client
+        if client is None or not client.connected:
+            raise ConnectionLost(f"{self.name}: not connected")
+        if not (0 <= address <= 0xFFFF and 1 <= count <= (2000 if table.is_bits else 125)):
+            raise ValueError(f"{table.value} {address}+{count} is not a valid read")
+        if table is Table.HOLDING:
+            request = client.read_holding_registers
+        elif table is Table.INPUT:
+            request = client.read_input_registers
+        elif table is Table.COIL:
+            request = client.read_coils
+        else:
+            request = client.read_discrete_inputs
+        try:
+            response = await request(address, count=count, device_id=self.unit_id)
+        except ModbusException as exc:
+            raise self._failed(client, exc, _describe(table, address, count)) from None
+        except asyncio.CancelledError:
+            # The request may still be answered; the next request must not get that answer.
+            self._drop(client)
+            raise
+        if isinstance(response, ExceptionResponse):
+            raise self._refused(response, _describe(table, address, count))
+        if table.is_bits:
+            # Coils come packed in whole bytes; the padding bits are not ours.
+            bits = response.bits
+            if len(bits) < count:
+                raise DecodeError(
+                    f"{self.name}: {len(bits)} bits in the answer to "
+                    f"{_describe(table, address, count)}"
+                )
+            return list(bits[:count])
+        registers = response.registers
+        if len(registers) != count:
+            raise DecodeError(
+                f"{self.name}: {len(registers)} registers in the answer to "
+                f"{_describe(table, address, count)}"
+            )
+        return list(registers)
+
+    async def write_registers(self, address: int, values: Sequence[int]) -> None:
+        """Write holding registers (FC16)."""
+        client = self._client
+        if client is None or not client.connected:
+            raise ConnectionLost(f"{self.name}: not connected")
+        if not (0 <= address <= 0xFFFF and 1 <= len(values) <= 123):
+            raise ValueError(f"holding {address}+{len(values)} is not a valid write")
+        what = f"write {_describe(Table.HOLDING, address, len(values))}"
+        try:
+            response = await client.write_registers(address, list(values), device_id=self.unit_id)
+        except ModbusException as exc:
+            raise self._failed(client, exc, what) from None
+        except asyncio.CancelledError:
+            self._drop(client)
+            raise
+        if isinstance(response, ExceptionResponse):
+            raise self._refused(response, what)
+
+    async def write_coil(self, address: int, value: bool) -> None:
+        """Write one coil (FC5)."""
+        client = self._client
+        if client is None or not client.connected:
+            raise ConnectionLost(f"{self.name}: not connected")
+        if not 0 <= address <= 0xFFFF:
+            raise ValueError(f"coil {address} is not a valid address")
+        what = f"write {_describe(Table.COIL, address, 1)}"
+        try:
+            response = await client.write_coil(address, value, device_id=self.unit_id)
+        except ModbusException as exc:
+            raise self._failed(client, exc, what) from None
+        except asyncio.CancelledError:
+            self._drop(client)
+            raise
+        if isinstance(response, ExceptionResponse):
+            raise self._refused(response, what)
+
+    def _failed(
+        self, client: AsyncModbusTcpClient, exc: ModbusException, what: str
+    ) -> ConnectionLost | DeviceTimeout:
+        """Close the link after a failed request and say what to raise."""
+        lost = not client.connected
+        self._drop(client)
+        if isinstance(exc, ModbusIOException) and not lost:
+            # retries=0: pymodbus gave up after one response timeout. The link is closed so
+            # that a late answer cannot be taken for the answer to the next request.
+            return DeviceTimeout(f"{self.name}: no answer to {what} within {self.timeout:g} s")
+        if isinstance(exc, ModbusIOException | ConnectionException):
+            return ConnectionLost(f"{self.name}: link lost during {what}")
+        # Anything else pymodbus raises leaves the link in an unknown state.
+        return ConnectionLost(f"{self.name}: {what}: {exc}")
+
+    def _refused(self, response: ExceptionResponse, what: str) -> DeviceException:
+        code = response.exception_code
+        return DeviceException(code, EXCEPTION_NAMES.get(code, f"EXCEPTION {code}"), request=what)
+
+    def _drop(self, client: AsyncModbusTcpClient) -> None:
+        client.close()
+        if self._client is client:
+            self._client = None
+
+
+def _describe(table: Table, address: int, count: int, verb: str = "") -> str:
+    text = f"{table.value} {address}+{count}"
+    return f"{verb} {text}" if verb else text
+
+
+# -- server ---------------------------------------------------------------------------------
+
+#: pymodbus hands the action of a coil or discrete input read the number of 16-bit words the
+#: read touches, not the number of bits. The request objects below put the exact count here;
+#: the action runs in the same task (pymodbus awaits it straight down from the request), so
+#: a context variable carries it without any sharing between connections.
+_BIT_COUNT: contextvars.ContextVar[int] = contextvars.ContextVar("modbus_bit_count", default=0)
+
+
+class _ReadCoilsRequest(ReadCoilsRequest):
+    async def datastore_update(self, context: object, device_id: int) -> ModbusPDU:
+        _BIT_COUNT.set(self.count)
+        return await super().datastore_update(context, device_id)  # type: ignore[arg-type]
+
+
+class _ReadDiscreteInputsRequest(ReadDiscreteInputsRequest):
+    async def datastore_update(self, context: object, device_id: int) -> ModbusPDU:
+        _BIT_COUNT.set(self.count)
+        return await super().datastore_update(context, device_id)  # type: ignore[arg-type]
+
+
+#: Function code -> the table it addresses (pymodbus's SimRuntime maps them the same way).
+_FC_TABLE: dict[int, Table] = {
+    1: Table.COIL,
+    5: Table.COIL,
+    15: Table.COIL,
+    2: Table.DISCRETE_INPUT,
+    3: Table.HOLDING,
+    6: Table.HOLDING,
+    16: Table.HOLDING,
+    22: Table.HOLDING,
+    23: Table.HOLDING,
+    4: Table.INPUT,
+}
+
+#: pymodbus's non-shared layout: (coils, discrete inputs, holding registers, input registers).
+_TABLES = (Table.COIL, Table.DISCRETE_INPUT, Table.HOLDING, Table.INPUT)
+
+
+class _Responder:
+    """The SimDevice ``action`` of one simulated device: faults, holes and live values."""
+
+    def __init__(self, device: SimulatedDevice, owner: RegisterServer) -> None:
+        self.device = device
+        self.owner = owner
+
+    async def action(  # noqa: PLR0917 - the signature pymodbus calls
+        self,
+        function_code: int,
+        start_address: int,
+        address: int,
+        count: int,
+        registers: list[int],
+        set_values: list[int] | list[bool] | None,
+    ) -> ExcCodes | None:
+        device = self.device
+        faults = device.faults
+        if faults.silent:
+            # With ignore_missing_devices the request handler drops the request without an
+            # answer, exactly what a device that has gone quiet does; nothing is left pending.
+            raise NoSuchIdException(f"unit {device.unit_id} is silent")
+        if faults.delay > 0:
+            await self.owner._sleep(faults.delay)
+            if faults.silent:
+                raise NoSuchIdException(f"unit {device.unit_id} is silent")
+        if faults.exception is not None:
+            return ExcCodes(faults.exception)
+        table = _FC_TABLE.get(function_code)
+        if table is None:
+            return ExcCodes.ILLEGAL_FUNCTION
+        if set_values is not None:
+            # A write: pymodbus stores the values in its image after we return; the device
+            # keeps its own copy, since the next read refills the image from the device.
+            count = len(set_values)
+            if not device.valid(table, address, count):
+                return ExcCodes.ILLEGAL_ADDRESS
+            if not isinstance(device, WritableDevice):
+                return ExcCodes.ILLEGAL_FUNCTION
+            device.write(table, address, set_values)
+            return None
+        if table.is_bits:
+            # FC1/FC2 carry their bit count in the context; FC5 reads back its one coil.
+            count = _BIT_COUNT.get() if function_code in (1, 2) else 1
+            if not device.valid(table, address, count):
+                return ExcCodes.ILLEGAL_ADDRESS
+            # The image holds 16 bits per word, bit 0 in the least significant bit, and
+            # registers[0] holds bits start_address * 16 ... + 15.
+            bit = address - start_address * 16
+            for value in device.read(table, address, count):
+                word, mask = bit >> 4, 1 << (bit & 15)
+                registers[word] = (registers[word] | mask) if value else (registers[word] & ~mask)
+                bit += 1
+            return None
+        if not device.valid(table, address, count):
+            return ExcCodes.ILLEGAL_ADDRESS
+        offset = address - start_address
+        registers[offset : offset + count] = device.read(table, address, count)
+        return None
+
+    def simdevice(self) -> SimDevice:
+        blocks: list[list[SimData]] = []
+        for table in _TABLES:
+            span = self.device.span(table)
+            datatype = DataType.BITS if table.is_bits else DataType.REGISTERS
+            if span is None:
+                # pymodbus needs at least one block per table. For registers an INVALID one
+                # answers ILLEGAL DATA ADDRESS by itself; bit blocks must be BITS, and the
+                # action refuses them because the device declares nothing there.
+                block = (
+                    SimData(address=0, count=1, values=False, datatype=DataType.BITS)
+                    if table.is_bits
+                    else SimData(address=0, count=1, datatype=DataType.INVALID)
+                )
+            else:
+                start, count = span
+                # Bits as one list, not as count=N: pymodbus's block check multiplies the
+                # expanded values by count again, which is quadratic for BITS.
+                block = (
+                    SimData(address=start, values=[False] * count, datatype=datatype)
+                    if table.is_bits
+                    else SimData(address=start, count=count, values=0, datatype=datatype)
+                )
+            blocks.append([block])
+        # Separate tables (a tuple of four lists) make coils and discrete inputs addressed by
+        # bit, as on the wire; pymodbus requires use_bit_addressing=True for that layout.
+        return SimDevice(
+            id=self.device.unit_id,
+            simdata=(blocks[0], blocks[1], blocks[2], blocks[3]),
+            use_bit_addressing=True,
+            action=self.action,
+        )
+
+
+class RegisterServer:
+    """A Modbus TCP server on host:port serving one or more simulated devices (by unit id).
+
+    The image pymodbus keeps of each table spans the device's ``span()``; the device is asked
+    for fresh values on every request, after its faults are applied. A request to an unknown
+    unit id is answered SERVER DEVICE FAILURE by pymodbus.
+    """
+
+    def __init__(
+        self, devices: Sequence[SimulatedDevice], *, host: str = "127.0.0.1", port: int = 0
+    ) -> None:
+        ids = [d.unit_id for d in devices]
+        if not devices or len(set(ids)) != len(ids):
+            raise ValueError(f"need one or more devices with distinct unit ids, got {ids}")
+        self.devices = list(devices)
+        self.host = host
+        self._port = port
+        self._server: ModbusTcpServer | None = None
+        self._pending: set[asyncio.Task[object]] = set()
+        self.connections_accepted = 0
+
+    @property
+    def port(self) -> int:
+        """The bound port once started (an ephemeral one for port=0); kept across restarts."""
+        return self._port
+
+    @property
+    def serving(self) -> bool:
+        return self._server is not None
+
+    @property
+    def active_connections(self) -> int:
+        server = self._server
+        return len(server.active_connections) if server is not None else 0
+
+    async def start(self) -> None:
+        if self._server is not None:
+            return
+        server = ModbusTcpServer(
+            [_Responder(d, self).simdevice() for d in self.devices],
+            address=(self.host, self._port),
+            ignore_missing_devices=True,
+            custom_pdu=[_ReadCoilsRequest, _ReadDiscreteInputsRequest],
+            trace_connect=self._on_connect,
+        )
+        self._server = server
+        try:
+            await server.serve_forever(background=True)
+        except RuntimeError as exc:
+            # pymodbus logs the OSError and says only that listening failed.
+            self._server = None
+            await server.shutdown()  # type: ignore[no-untyped-call]
+            raise OSError(f"cannot listen on {self.host}:{self._port}") from exc
+        sockets = getattr(server.transport, "sockets", None) or ()
+        if sockets:
+            self._port = int(sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is None:
+            return
+        await server.shutdown()  # type: ignore[no-untyped-call]
+        await self._cancel_pending()
+        # Closed transports release their sockets in a loop callback; let those run.
+        await asyncio.sleep(0)
+
+    async def drop_connections(self) -> None:
+        """Close every client connection and keep listening (a device that resets links)."""
+        server = self._server
+        if server is None:
+            return
+        for handler in list(server.active_connections.values()):
+            handler.close()
+        # Answers still being delayed belong to the connections just closed.
+        await self._cancel_pending()
+        await asyncio.sleep(0)
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    def _on_connect(self, connected: bool) -> None:
+        server = self._server
+        if not connected or server is None:
+            return
+        self.connections_accepted += 1
+        # pymodbus gives no handle on the new connection here; set the option on all of
+        # them (setting it twice is harmless).
+        for handler in server.active_connections.values():
+            _set_nodelay(handler.transport)
+
+    async def _sleep(self, delay: float) -> None:
+        # Delayed answers run in tasks pymodbus creates and never awaits: keep track of them
+        # so stop() can cancel them instead of leaving them behind.
+        task = asyncio.current_task()
+        if task is not None:
+            self._pending.add(task)
+        try:
+            await asyncio.sleep(delay)
+        finally:
+            if task is not None:
+                self._pending.discard(task)
+
+    async def _cancel_pending(self) -> None:
+        pending = list(self._pending)
+        self._pending.clear()
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)

@@ -1,0 +1,132 @@
+"""The runtime: compile a validated config into drivers and runners, and run them as one tree.
+
+Start order: sinks first (they subscribe before the first value exists), then drivers.
+Stop order: drivers first (each finishes its poll in flight, bounded by its poll timeout),
+then the bus is closed so that sinks drain what is queued, then sinks end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import drivers
+from drivers.base import Describable, Driver
+from gateway.bus import Bus, Subscription
+from gateway.config import LoadedConfig
+from gateway.model import Reading, TagSpec
+from gateway.runner import RETRIABLE, DeviceRunner
+from gateway.status import DeviceStatus
+
+__all__ = ["Gateway", "Sink", "build_driver", "log_sink"]
+
+log = logging.getLogger("gateway")
+
+#: A sink consumes one subscription until it ends (the bus closed and the queue drained).
+Sink = Callable[[Subscription], Awaitable[None]]
+
+
+def build_driver(device: Any) -> Driver:
+    """Resolve ``device.driver`` through the registry and build the driver from its config."""
+    target = drivers.BUILTIN[device.driver]
+    module_name, _, attr = target.partition(":")
+    factory = getattr(importlib.import_module(module_name), attr)
+    driver: Driver = factory(device)
+    return driver
+
+
+@dataclass
+class Gateway:
+    """The compiled runtime graph of one config. Build it, then ``await run(stop)``."""
+
+    loaded: LoadedConfig
+    bus: Bus = field(init=False)
+    drivers: list[Driver] = field(init=False, default_factory=list)
+    runners: list[DeviceRunner] = field(init=False, default_factory=list)
+    statuses: dict[str, DeviceStatus] = field(init=False, default_factory=dict)
+    started_at: float = field(init=False, default_factory=time.time)
+
+    def __post_init__(self) -> None:
+        cfg = self.loaded.config
+        self.bus = Bus(cfg.bus.queue_size)
+        now = time.time()
+        for device in cfg.devices:
+            if not device.enabled:
+                log.info("device %s is disabled in the config; not polled", device.name)
+                continue
+            driver = build_driver(device)
+            endpoint = getattr(driver, "endpoint", "")
+            status = DeviceStatus(device.name, device.machine, device.driver, endpoint)
+            self.bus.register(driver.tags, now)
+            self.drivers.append(driver)
+            self.statuses[device.name] = status
+            self.runners.append(
+                DeviceRunner(driver, self.bus, status, connect_timeout=device.connect_timeout)
+            )
+
+    @property
+    def tags(self) -> list[TagSpec]:
+        return [t for d in self.drivers for t in d.tags]
+
+    def log_plan(self) -> None:
+        for driver in self.drivers:
+            if isinstance(driver, Describable):
+                for line in driver.describe_plan():
+                    log.info("plan %s", line)
+
+    async def run(self, stop: asyncio.Event, sinks: Sequence[tuple[str, Sink]] = ()) -> None:
+        """Run until ``stop`` is set. A device error never ends this; a bug does, loudly."""
+        self.log_plan()
+        async with asyncio.TaskGroup() as tg:
+            for name, sink in sinks:
+                tg.create_task(sink(self.bus.subscribe(name)), name=f"sink[{name}]")
+            driver_tasks = [
+                tg.create_task(runner.run(stop), name=f"driver[{runner.driver.name}]")
+                for runner in self.runners
+            ]
+
+            async def close_bus_after_drivers() -> None:
+                if driver_tasks:
+                    await asyncio.wait(driver_tasks)
+                self.bus.close()
+
+            tg.create_task(close_bus_after_drivers(), name="bus[close-after-drivers]")
+        log.info("gateway stopped")
+
+    async def poll_once(self) -> list[tuple[TagSpec, Reading]]:
+        """Connect, poll every group of every device once, close. For ``retrofit-gw once``."""
+
+        async def one(runner: DeviceRunner) -> None:
+            try:
+                await runner.connect()
+                for group in range(len(runner.driver.groups)):
+                    await runner.poll(group)
+            except RETRIABLE as exc:
+                await runner.fail(exc)
+            finally:
+                await runner.driver.close()
+
+        async with asyncio.TaskGroup() as tg:
+            for runner in self.runners:
+                tg.create_task(one(runner), name=f"once[{runner.driver.name}]")
+        latest = self.bus.latest
+        return [(spec, latest[spec.key]) for spec in self.tags]
+
+
+async def log_sink(sub: Subscription) -> None:
+    """The sink of ``retrofit-gw run`` until the real sinks exist: one log line per batch."""
+    out = logging.getLogger("gateway.readings")
+    async for batch in sub:
+        if out.isEnabledFor(logging.INFO):
+            out.info("%s", "  ".join(_short(r) for r in batch))
+
+
+def _short(r: Reading) -> str:
+    value = "-" if r.value is None else (f"{r.value:g}" if isinstance(r.value, float) else r.value)
+    flag = "" if r.good else f"[{r.quality.name.lower()}:{r.reason.value}]"
+    return f"{r.key}={value}{flag}"

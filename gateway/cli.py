@@ -1,0 +1,286 @@
+"""``retrofit-gw``: check, once, schema, run, simulate, demo.
+
+Exit codes: 0 success, 1 a device could not be read (``once``), 2 a bad config or bad usage.
+Nothing starts with a bad config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import gateway
+from drivers.base import Describable
+from drivers.modbus.simulator import serve
+from gateway.app import Gateway, log_sink
+from gateway.config import LoadedConfig, json_schema, load_config
+from gateway.errors import ConfigError
+
+__all__ = ["main"]
+
+EXIT_OK = 0
+EXIT_DEVICE = 1
+EXIT_CONFIG = 2
+
+log = logging.getLogger("gateway.cli")
+
+
+def _demo_config() -> Path:
+    """The example config: in a checkout beside the package, else in the wheel's share dir."""
+    candidates = [
+        Path(gateway.__file__).resolve().parent.parent / "config" / "demo.yaml",
+        Path(sys.prefix) / "share" / "retrofit-gateway" / "config" / "demo.yaml",
+    ]
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise FileNotFoundError("config/demo.yaml not found beside the package or in " + sys.prefix)
+
+
+def _print_config_error(path: str, err: ConfigError) -> None:
+    n = len(err.issues)
+    print(f"{path}: {n} error{'s' if n != 1 else ''}; nothing was started", file=sys.stderr)
+    for issue in err.issues:
+        print(f"  {issue}", file=sys.stderr)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+
+    for path in args.config:
+        try:
+            loaded = load_config(path)
+        except ConfigError as err:
+            _print_config_error(path, err)
+            return EXIT_CONFIG
+        gw = Gateway(loaded)
+        tags = len(gw.tags)
+        print(f"{path}: OK: {len(gw.drivers)} device(s), {tags} tag(s)")
+
+        for driver in gw.drivers:
+            if isinstance(driver, Describable):
+                for line in driver.describe_plan():
+                    print(f"  {line}")
+    return EXIT_OK
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+
+    print(json.dumps(json_schema(), indent=2))
+    return EXIT_OK
+
+
+def _fmt_value(value: object) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def format_table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)
+    ]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)).rstrip()]
+    lines.append("  ".join("-" * w for w in widths))
+    lines.extend(
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
+    )
+    return "\n".join(lines)
+
+
+def cmd_once(args: argparse.Namespace) -> int:
+
+    try:
+        loaded = load_config(args.config)
+    except ConfigError as err:
+        _print_config_error(args.config, err)
+        return EXIT_CONFIG
+    gw = Gateway(loaded)
+    results = asyncio.run(gw.poll_once())
+    if args.json:
+        for spec, r in results:
+            print(
+                json.dumps(
+                    {
+                        "machine": spec.machine,
+                        "device": spec.device,
+                        "tag": spec.name,
+                        "value": r.value,
+                        "unit": spec.unit,
+                        "quality": r.quality.name.lower(),
+                        "reason": r.reason.value,
+                        "detail": r.detail,
+                        "source_ts": r.source_ts,
+                        "raw": list(r.raw),
+                    }
+                )
+            )
+    else:
+        rows = []
+        for spec, r in results:
+            quality = r.quality.name.lower()
+            if r.reason.value:
+                quality += f" ({r.reason.value}{': ' + r.detail if r.detail else ''})"
+            rows.append(
+                [
+                    spec.machine,
+                    spec.name,
+                    _fmt_value(r.value),
+                    spec.unit or "",
+                    quality,
+                    " ".join(f"{x:04x}" for x in r.raw),
+                    spec.source,
+                ]
+            )
+        print(format_table(rows, ["MACHINE", "TAG", "VALUE", "UNIT", "QUALITY", "RAW", "SOURCE"]))
+        for status in gw.statuses.values():
+            if status.last_error:
+                print(f"{status.name}: {status.state.value}: {status.last_error}", file=sys.stderr)
+    failed = any(s.state.value != "online" for s in gw.statuses.values())
+    return EXIT_DEVICE if failed else EXIT_OK
+
+
+def _install_signals(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+
+async def _run_gateway(loaded: LoadedConfig, stop: asyncio.Event) -> None:
+    gw = Gateway(loaded)
+    log.info(
+        "retrofit-gw %s: %d device(s), %d tag(s) from %s",
+        gateway.__version__,
+        len(gw.drivers),
+        len(gw.tags),
+        loaded.path,
+    )
+    await gw.run(stop, sinks=[("log", log_sink)])
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+
+    try:
+        loaded = load_config(args.config)
+    except ConfigError as err:
+        _print_config_error(args.config, err)
+        return EXIT_CONFIG
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        _install_signals(stop)
+        await _run_gateway(loaded, stop)
+
+    asyncio.run(main())
+    return EXIT_OK
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        _install_signals(stop)
+        print(
+            f"simulating lathe-1 on {args.host}:{args.port} and mill-1 on "
+            f"{args.host}:{args.port + 1} (Modbus TCP, unit 1); Ctrl-C stops",
+            flush=True,
+        )
+        await serve(args.host, args.port, stop)
+
+    asyncio.run(main())
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+
+    path = args.config or str(_demo_config())
+    try:
+        loaded = load_config(path)
+    except ConfigError as err:
+        _print_config_error(path, err)
+        return EXIT_CONFIG
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        _install_signals(stop)
+        sim_stop = asyncio.Event()
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(serve("127.0.0.1", 5020, sim_stop), name="simulator")
+            # Give the simulator's listeners a moment so the first poll does not fail.
+            await asyncio.sleep(0.3)
+            print(
+                f"demo: simulated lathe-1 and mill-1 on 127.0.0.1:5020/5021; config {path}",
+                flush=True,
+            )
+            print("demo: readings are logged below; Ctrl-C stops", flush=True)
+            if args.duration:
+                loop = asyncio.get_running_loop()
+                loop.call_later(args.duration, stop.set)
+            try:
+                await _run_gateway(loaded, stop)
+            finally:
+                sim_stop.set()
+
+    asyncio.run(main())
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="retrofit-gw",
+        description="Retrofit 4.0 edge gateway: poll legacy machines, serve values on open "
+        "standards.",
+    )
+    p.add_argument("--version", action="version", version=f"%(prog)s {gateway.__version__}")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("check", help="validate config files and print the read plan")
+    s.add_argument("config", nargs="+", help="YAML config file(s)")
+    s.set_defaults(func=cmd_check)
+
+    s = sub.add_parser("once", help="poll every device once and print a table")
+    s.add_argument("config")
+    s.add_argument("--json", action="store_true", help="one JSON object per tag")
+    s.set_defaults(func=cmd_once)
+
+    s = sub.add_parser("schema", help="print the config's JSON Schema (for editors)")
+    s.set_defaults(func=cmd_schema)
+
+    s = sub.add_parser("run", help="run the gateway")
+    s.add_argument("config")
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("simulate", help="serve a simulated lathe and mill over Modbus TCP")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=5020, help="lathe port; the mill gets port+1")
+    s.set_defaults(func=cmd_simulate)
+
+    s = sub.add_parser("demo", help="simulator and gateway together, no hardware needed")
+    s.add_argument("--config", help="config to run instead of config/demo.yaml")
+    s.add_argument("--duration", type=float, default=0, help="stop after N seconds")
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+    )
+    logging.Formatter.converter = time.gmtime
+    with contextlib.suppress(KeyboardInterrupt):
+        code: int = args.func(args)
+        return code
+    return EXIT_OK

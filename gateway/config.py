@@ -1,0 +1,766 @@
+"""The gateway config: its models, and a loader that reports every mistake with file and line.
+
+The people who write these files are technicians and integrators editing YAML by hand, so a
+bad config must never end in a traceback or in the first error only. ``load_config`` builds the
+data from the YAML node tree itself (not ``yaml.safe_load``) so that it can remember the line of
+every key, catch duplicate keys that PyYAML would silently drop, and merge ``tags_csv`` rows
+with their own CSV line numbers. Every problem becomes a ``ConfigIssue`` like::
+
+    config/gateway.yaml:14: devices[0].tags[1].type: Input should be 'bool', ... (got 'floatt')
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import re
+import types
+import unicodedata
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_core import ErrorDetails
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from drivers.modbus.config import ModbusTcpDevice, check_device
+from gateway.errors import ConfigError, ConfigIssue
+
+__all__ = [
+    "BusSection",
+    "DeviceConfig",
+    "GatewayConfig",
+    "GatewaySection",
+    "LoadedConfig",
+    "format_issues",
+    "json_schema",
+    "load_config",
+]
+
+#: A key path into the config data, e.g. ``("devices", 0, "tags", 3, "type")``.
+Loc = tuple[str | int, ...]
+#: Key path -> (file, 1-based line). CSV rows map to the CSV file and its line.
+SourceMap = dict[Loc, tuple[str, int]]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GatewaySection(_Section):
+    """Who this gateway is, and where it sits in the ISA-95 hierarchy (the MQTT topic path)."""
+
+    name: str = Field(default="retrofit-gw", min_length=1, description="The gateway's id.")
+    site: str = Field(min_length=1, description="ISA-95 site (enterprise/site/area/line).")
+    area: str = Field(min_length=1, description="ISA-95 area.")
+    line: str = Field(min_length=1, description="ISA-95 line.")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    data_dir: str = Field(default="data", description="State directory, relative to the cwd.")
+
+
+class BusSection(_Section):
+    queue_size: int = Field(
+        default=1000, ge=1, le=1_000_000, description="Batches buffered per subscriber queue."
+    )
+
+
+# A discriminated union on ``driver``. pydantic accepts a discriminator on a single model, and
+# the error for an unknown ``driver:`` then already names the valid values; a new driver is
+# added as ``ModbusTcpDevice | ModbusRtuDevice`` inside the Annotated.
+DeviceConfig = Annotated[ModbusTcpDevice, Field(discriminator="driver")]
+
+
+class GatewayConfig(_Section):
+    """The whole gateway config file."""
+
+    version: Literal[1] = 1
+    gateway: GatewaySection
+    bus: BusSection = BusSection()
+    devices: list[DeviceConfig] = Field(min_length=1)
+
+
+@dataclass(frozen=True)
+class LoadedConfig:
+    path: Path
+    config: GatewayConfig
+
+
+def json_schema() -> dict[str, Any]:
+    """JSON Schema of the config file, for editors (YAML language server) and docs."""
+    schema = GatewayConfig.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "retrofit-gateway config"
+    return schema
+
+
+def format_issues(err: ConfigError) -> str:
+    """All issues, one per line, and a count, ready to print for the user."""
+    count = len(err.issues)
+    noun = "problem" if count == 1 else "problems"
+    return "\n".join([*(str(i) for i in err.issues), f"{count} {noun} in the config"])
+
+
+def load_config(path: str | Path) -> LoadedConfig:
+    """Read, validate and cross-check a config file. Raises ``ConfigError`` with every issue."""
+    path = Path(path)
+    file = str(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise ConfigError(
+            [ConfigIssue(file, None, "", f"cannot read the file: {reason}")]
+        ) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            [ConfigIssue(file, None, "", f"the file is not UTF-8 text ({exc.reason})")]
+        ) from None
+
+    loader = _Loader(file)
+    root = loader.compose(text)
+    if root is None:
+        raise ConfigError(
+            [ConfigIssue(file, 1, "", "the file is empty; it needs `gateway:` and `devices:`")]
+        )
+    data = loader.build(root, ())
+    if not isinstance(data, dict):
+        raise ConfigError(
+            [
+                ConfigIssue(
+                    file,
+                    loader.where.get((), (file, 1))[1],
+                    "",
+                    f"the top level must be a mapping with `gateway:` and `devices:` "
+                    f"(got {_show(data)})",
+                )
+            ]
+        )
+    csv_failed = loader.merge_csv_tags(data, path.parent)
+
+    try:
+        config = GatewayConfig.model_validate(data)
+    except ValidationError as exc:
+        loader.issues.extend(_validation_issues(exc, data, loader))
+    else:
+        # Cross-checks need a typed config, so they only run once the shapes are right.
+        loader.issues.extend(_cross_check(config, loader, csv_failed))
+        if not loader.issues:
+            return LoadedConfig(path=path, config=config)
+    raise ConfigError(_ordered(loader.issues, file))
+
+
+# --- YAML -> data with a source map -----------------------------------------------------------
+
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+_INT_TAG = "tag:yaml.org,2002:int"
+# YAML 1.1 (PyYAML) reads a plain 0-prefixed number as octal: 012345 becomes 5349.
+_OCTAL = re.compile(r"[-+]?0[0-7_]+")
+
+
+class _Loader:
+    """Builds plain data from YAML nodes while recording where every key came from."""
+
+    def __init__(self, file: str) -> None:
+        self.file = file
+        self.where: SourceMap = {}
+        self.issues: list[ConfigIssue] = []
+        self._yaml: yaml.SafeLoader | None = None
+        # ids of the nodes on the current path: an alias to an ancestor would recurse forever.
+        self._active: set[int] = set()
+
+    def issue(self, where: tuple[str, int | None], loc: Loc, message: str) -> None:
+        self.issues.append(ConfigIssue(where[0], where[1], _render_loc(loc), message))
+
+    def locate(self, loc: Loc) -> tuple[str, int | None]:
+        """The nearest known location at or above ``loc`` (defaults have no line of their own)."""
+        for n in range(len(loc), -1, -1):
+            hit = self.where.get(loc[:n])
+            if hit is not None:
+                return hit
+        return (self.file, None)
+
+    def describe(self, loc: Loc, from_file: str) -> str:
+        """``line 12`` in the same file, ``lathe3.csv:7`` in another: for "first at ..." hints."""
+        file, line = self.locate(loc)
+        if file == from_file:
+            return f"line {line}"
+        return f"{file}:{line}"
+
+    def compose(self, text: str) -> Node | None:
+        try:
+            self._yaml = yaml.SafeLoader(text)
+            return self._yaml.get_single_node()
+        except yaml.MarkedYAMLError as exc:
+            raise ConfigError([_yaml_issue(self.file, exc)]) from None
+        except yaml.reader.ReaderError as exc:
+            line = text.count("\n", 0, int(exc.position)) + 1
+            char = exc.character
+            shown = f"U+{char:04X}" if isinstance(char, int) else repr(char)
+            message = f"YAML syntax error: {exc.reason} (found {shown})"
+            raise ConfigError([ConfigIssue(self.file, line, "", message)]) from None
+
+    def build(self, node: Node, loc: Loc) -> Any:
+        if not loc:
+            self.where[()] = (self.file, _line(node))
+        if id(node) in self._active:
+            self.issue(self.locate(loc), loc, "an alias (*name) refers to itself")
+            return None
+        self._active.add(id(node))
+        try:
+            if isinstance(node, MappingNode):
+                return self._mapping(node, loc)
+            if isinstance(node, SequenceNode):
+                return self._sequence(node, loc)
+            return self._scalar(node, loc)
+        finally:
+            self._active.discard(id(node))
+
+    def _scalar(self, node: Node, loc: Loc) -> Any:
+        assert self._yaml is not None
+        try:
+            value = self._yaml.construct_object(node, deep=True)
+        except yaml.MarkedYAMLError as exc:
+            self.issue((self.file, _line(node)), loc, exc.problem or "cannot read this value")
+            return None
+        if (
+            node.tag == _INT_TAG
+            and isinstance(node, ScalarNode)
+            and not node.style
+            and _OCTAL.fullmatch(node.value)
+            and value != int(node.value.replace("_", ""), 10)
+        ):
+            self.issue(
+                self.where.get(loc, (self.file, _line(node))),
+                loc,
+                f"{node.value} has a leading zero, so YAML reads it as the octal number {value}; "
+                f'quote it ("{node.value}") to keep the digits as written, or write '
+                f"{int(node.value.replace('_', ''), 10)} for the decimal number",
+            )
+        return value
+
+    def _sequence(self, node: SequenceNode, loc: Loc) -> list[Any]:
+        out: list[Any] = []
+        for i, item in enumerate(node.value):
+            self.where[(*loc, i)] = (self.file, _line(item))
+            out.append(self.build(item, (*loc, i)))
+        return out
+
+    def _mapping(self, node: MappingNode, loc: Loc) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        first: dict[str, int] = {}
+        merges: list[Node] = []
+        for key_node, value_node in node.value:
+            line = _line(key_node)
+            if key_node.tag == _MERGE_TAG:
+                merges.append(value_node)
+                continue
+            if not isinstance(key_node, ScalarNode):
+                self.issue(
+                    (self.file, line), loc, "a key must be plain text, not a list or mapping"
+                )
+                continue
+            key = self._key(key_node)
+            if key in first:
+                self.issue(
+                    (self.file, line), loc, f"duplicate key '{key}' (first at line {first[key]})"
+                )
+                continue
+            first[key] = line
+            self.where[(*loc, key)] = (self.file, line)
+            out[key] = self.build(value_node, (*loc, key))
+        for merge in merges:
+            self._merge(merge, loc, out)
+        return out
+
+    def _key(self, node: ScalarNode) -> str:
+        # Keys are names: `yes:` or `1:` are meant as text, so keep what was written rather
+        # than YAML's bool or int.
+        assert self._yaml is not None
+        try:
+            value = self._yaml.construct_object(node, deep=True)
+        except yaml.MarkedYAMLError:
+            return str(node.value)
+        return value if isinstance(value, str) else str(node.value)
+
+    def _merge(self, node: Node, loc: Loc, out: dict[str, Any]) -> None:
+        """``<<: *defaults``: keys written in the mapping itself win, then earlier sources."""
+        sources = node.value if isinstance(node, SequenceNode) else [node]
+        for source in sources:
+            if not isinstance(source, MappingNode):
+                self.issue(
+                    (self.file, _line(source)), loc, "`<<:` needs a mapping or a list of mappings"
+                )
+                continue
+            outer, self.where = self.where, {}
+            try:
+                merged = self.build(source, loc)
+            finally:
+                inner, self.where = self.where, outer
+            for key, value in merged.items():
+                if key in out:
+                    continue
+                out[key] = value
+                prefix = (*loc, key)
+                self.where.update(
+                    (sub, at) for sub, at in inner.items() if sub[: len(prefix)] == prefix
+                )
+
+    # --- tags_csv ---------------------------------------------------------------------------
+
+    def merge_csv_tags(self, data: dict[str, Any], base: Path) -> set[int]:
+        """Append each device's ``tags_csv`` rows to its ``tags``. Returns devices whose CSV
+        could not be used, so that "no tags" is not reported on top of the real problem."""
+        failed: set[int] = set()
+        devices = data.get("devices")
+        if not isinstance(devices, list):
+            return failed
+        for i, device in enumerate(devices):
+            if not isinstance(device, dict) or not isinstance(device.get("tags_csv"), str):
+                continue
+            tag_model = _tag_model(device.get("driver"))
+            tags = device.setdefault("tags", [])
+            if tag_model is None or not isinstance(tags, list):
+                continue  # validation reports the unknown driver or the malformed `tags:`
+            if not self._merge_csv(("devices", i), base / device["tags_csv"], tag_model, tags):
+                failed.add(i)
+        return failed
+
+    def _merge_csv(
+        self, here: Loc, csv_path: Path, tag_model: type[BaseModel], tags: list[Any]
+    ) -> bool:
+        csv_file = str(csv_path)
+        key_loc = (*here, "tags_csv")
+        try:
+            text = csv_path.read_text(encoding="utf-8-sig")
+        except OSError as exc:
+            self.issue(self.locate(key_loc), key_loc, f"cannot read {csv_file}: {exc.strerror}")
+            return False
+        except UnicodeDecodeError:
+            self.issue(
+                self.locate(key_loc),
+                key_loc,
+                f"{csv_file} is not UTF-8 text; save it as 'CSV UTF-8'",
+            )
+            return False
+
+        rows = list(_csv_rows(text))
+        if not rows:
+            self.issue((csv_file, 1), key_loc, "the CSV file is empty; it needs a header row")
+            return False
+        header_line, header = rows[0]
+        fields = list(tag_model.model_fields)
+        columns: list[str | None] = []  # None: a column we ignore (already reported, or blank)
+        for cell in header:
+            name = cell.strip().lower()
+            if not name:
+                columns.append(None)
+            elif name not in fields:
+                self.issue(
+                    (csv_file, header_line),
+                    key_loc,
+                    f"unknown column '{cell.strip()}' in the CSV header"
+                    f"{_did_you_mean(name, fields)} (columns: {', '.join(fields)})",
+                )
+                columns.append(None)
+            elif name in columns:
+                self.issue((csv_file, header_line), key_loc, f"column '{name}' appears twice")
+                columns.append(None)
+            else:
+                columns.append(name)
+        required = [n for n, f in tag_model.model_fields.items() if f.is_required()]
+        if missing := [n for n in required if n not in columns]:
+            # One issue for the header instead of one "missing key" per row.
+            self.issue(
+                (csv_file, header_line),
+                key_loc,
+                "the CSV header lacks the required column(s): "
+                + ", ".join(f"'{n}'" for n in missing),
+            )
+            return False
+
+        for line, cells in rows[1:]:
+            if not any(c.strip() for c in cells):
+                continue
+            index = len(tags)
+            row_loc = (*here, "tags", index)
+            self.where[row_loc] = (csv_file, line)
+            row: dict[str, Any] = {}
+            for n, cell in enumerate(cells):
+                text_cell = cell.strip()
+                if not text_cell:
+                    continue  # empty means "not given", so the model's default applies
+                column = columns[n] if n < len(columns) else None
+                if column is None:
+                    if n >= len(columns) or not header[n].strip():
+                        self.issue(
+                            (csv_file, line),
+                            row_loc,
+                            f"cell {n + 1} ({text_cell!r}) has no column name in the header",
+                        )
+                    continue
+                row[column] = _csv_value(tag_model, column, text_cell)
+                self.where[(*row_loc, column)] = (csv_file, line)
+            tags.append(row)
+        return True
+
+
+def _line(node: Node) -> int:
+    return int(node.start_mark.line) + 1
+
+
+def _yaml_issue(file: str, exc: yaml.MarkedYAMLError) -> ConfigIssue:
+    mark = exc.problem_mark or exc.context_mark
+    what = exc.problem or exc.context or "invalid YAML"
+    if exc.context and exc.problem:
+        where = ""
+        if exc.context_mark is not None and mark is not None and exc.context_mark.line != mark.line:
+            where = f" that starts at line {exc.context_mark.line + 1}"
+        if exc.problem.startswith("but "):
+            # PyYAML splits one sentence: "expected a single document" + "but found another".
+            what = f"{exc.context}, {exc.problem}"
+        else:
+            what = f"{what} ({exc.context}{where})"
+    if "\\t" in what:
+        what += "; indent with spaces, not tabs"
+    return ConfigIssue(file, mark.line + 1 if mark else None, "", f"YAML syntax error: {what}")
+
+
+def _csv_rows(text: str) -> Iterator[tuple[int, list[str]]]:
+    """Rows with the line they start on; `#` comment lines and blank lines are skipped."""
+    lines = [(n, s) for n, s in enumerate(text.splitlines(), 1) if not s.lstrip().startswith("#")]
+    header = next((s for _, s in lines if s.strip()), "")
+    # Spreadsheets in comma-decimal locales export with ';'.
+    delimiter = ";" if ";" in header and "," not in header else ","
+    consumed: list[int] = []
+
+    def feed() -> Iterator[str]:
+        for n, s in lines:
+            consumed.append(n)
+            yield s
+
+    reader = csv.reader(feed(), delimiter=delimiter)
+    mark = 0
+    for cells in reader:
+        start = consumed[mark]
+        mark = len(consumed)
+        yield start, cells
+
+
+def _csv_value(model: type[BaseModel], column: str, text: str) -> Any:
+    """Numbers for numeric columns; a column that takes text or a number (``address``) keeps
+    leading-zero text such as the modicon coil reference ``012345`` as text."""
+    kinds = _leaf_types(model.model_fields[column].annotation)
+    if not kinds & {int, float}:
+        return text
+    if str in kinds and len(text) > 1 and text.startswith("0") and text.isdigit():
+        return text
+    for convert in (int, float):
+        try:
+            return convert(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _leaf_types(annotation: Any) -> set[Any]:
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _leaf_types(get_args(annotation)[0])
+    if origin in (Union, types.UnionType):
+        return set().union(*(_leaf_types(a) for a in get_args(annotation)))
+    return {annotation}
+
+
+# --- pydantic errors -> issues ----------------------------------------------------------------
+
+
+def _driver_models() -> dict[str, type[BaseModel]]:
+    inner = get_args(DeviceConfig)[0]
+    members = get_args(inner) if get_origin(inner) in (Union, types.UnionType) else (inner,)
+    return {get_args(m.model_fields["driver"].annotation)[0]: m for m in members}
+
+
+_DRIVERS = _driver_models()
+
+
+def _tag_model(driver: Any) -> type[BaseModel] | None:
+    model = _DRIVERS.get(driver) if isinstance(driver, str) else None
+    if model is None:
+        return None
+    return _model_at(get_args(model.model_fields["tags"].annotation)[0], ())
+
+
+def _model_at(start: Any, loc: Loc) -> type[BaseModel] | None:
+    """The model class that validates the data at pydantic's ``loc`` (union tags included)."""
+    tp = start
+    for seg in loc:
+        tp = _unwrap(tp)
+        if isinstance(tp, type) and issubclass(tp, BaseModel):
+            if isinstance(seg, str) and seg in tp.model_fields:
+                tp = tp.model_fields[seg].annotation
+            elif seg not in _DRIVERS or _DRIVERS[seg] is not tp:
+                return None
+        elif get_origin(tp) is list and isinstance(seg, int):
+            tp = get_args(tp)[0]
+        elif get_origin(tp) in (Union, types.UnionType) and seg in _DRIVERS:
+            tp = _DRIVERS[seg]
+        else:
+            return None
+    tp = _unwrap(tp)
+    return tp if isinstance(tp, type) and issubclass(tp, BaseModel) else None
+
+
+def _unwrap(tp: Any) -> Any:
+    while True:
+        if get_origin(tp) is Annotated:
+            tp = get_args(tp)[0]
+        elif get_origin(tp) in (Union, types.UnionType):
+            args = [a for a in get_args(tp) if a is not type(None)]
+            if len(args) != 1:
+                return tp
+            tp = args[0]
+        else:
+            return tp
+
+
+def _clean_loc(raw: tuple[str | int, ...], data: Any, missing: bool) -> tuple[Loc, str | None]:
+    """Map pydantic's loc onto the data: drop the ``driver`` union tag, and cut off the member
+    label of a plain union (``address``'s ``int``/``str``), returning that label."""
+    out: list[str | int] = []
+    cur = data
+    for n, seg in enumerate(raw):
+        if (
+            len(out) == 2
+            and out[0] == "devices"
+            and isinstance(cur, dict)
+            and seg in _DRIVERS
+            and cur.get("driver") == seg
+        ):
+            continue
+        in_dict = isinstance(cur, dict) and seg in cur
+        if in_dict or (isinstance(cur, list) and isinstance(seg, int) and 0 <= seg < len(cur)):
+            cur = cur[seg]
+        elif not (missing and n == len(raw) - 1):
+            return tuple(out), str(seg)
+        out.append(seg)
+    return tuple(out), None
+
+
+_LABELS = {"int": "a whole number", "float": "a number", "str": "text", "bool": "true or false"}
+
+
+def _validation_issues(exc: ValidationError, data: Any, loader: _Loader) -> list[ConfigIssue]:
+    issues: list[ConfigIssue] = []
+    # Errors of the members of one plain union (int | str) become one issue.
+    unions: dict[Loc, tuple[list[str], Any]] = {}
+    for err in exc.errors(include_url=False):
+        kind = err["type"]
+        loc, label = _clean_loc(err["loc"], data, kind == "missing")
+        if label is not None:
+            unions.setdefault(loc, ([], err["input"]))[0].append(label)
+            continue
+        issues.append(_one_issue(err, loc, loader))
+    for loc, (labels, given) in unions.items():
+        wanted = " or ".join(_LABELS.get(x, x) for x in dict.fromkeys(labels))
+        loader_where = loader.locate(loc)
+        issues.append(
+            ConfigIssue(*loader_where, _render_loc(loc), f"expected {wanted} (got {_show(given)})")
+        )
+    return issues
+
+
+def _one_issue(err: ErrorDetails, loc: Loc, loader: _Loader) -> ConfigIssue:
+    kind = err["type"]
+    given = err["input"]
+    ctx = err.get("ctx", {})
+    if kind in ("missing", "extra_forbidden"):
+        parent, key = loc[:-1], str(loc[-1])
+        if kind == "missing":
+            hint = _choices_hint(_model_at(GatewayConfig, err["loc"][:-1]), key)
+            return _at(loader, loc, parent, f"missing required key '{key}'{hint}")
+        model = _model_at(GatewayConfig, err["loc"][:-1])
+        known = list(model.model_fields) if model else []
+        return _at(loader, loc, parent, f"unknown key '{key}'{_did_you_mean(key, known)}")
+    if kind == "union_tag_not_found":
+        names = ", ".join(_DRIVERS)
+        return _at(loader, loc, loc, f"missing required key 'driver' (one of: {names})")
+    if kind == "union_tag_invalid":
+        tag = str(ctx.get("tag", ""))
+        drivers = list(_DRIVERS)
+        message = f"driver '{tag}' is not one of: {', '.join(drivers)}"
+        return _at(
+            loader, (*loc, "driver"), (*loc, "driver"), message + _did_you_mean(tag, drivers)
+        )
+    if kind in ("enum", "literal_error"):
+        choices = re.findall(r"'([^']*)'", str(ctx.get("expected", "")))
+        hint = _did_you_mean(str(given), choices) if isinstance(given, str) else ""
+        return _at(loader, loc, loc, f"{err['msg']} (got {_show(given)}){hint}")
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return _at(loader, loc, loc, f"expected a mapping of `key: value` (got {_show(given)})")
+    if kind == "too_short" and loc == ("devices",):
+        return _at(loader, loc, loc, "at least one device is needed (got an empty list)")
+    return _at(loader, loc, loc, f"{err['msg']} (got {_show(given)})")
+
+
+def _at(loader: _Loader, where: Loc, key: Loc, message: str) -> ConfigIssue:
+    file, line = loader.locate(where)
+    return ConfigIssue(file, line, _render_loc(key), message)
+
+
+def _choices_hint(model: type[BaseModel] | None, key: str) -> str:
+    """``(one of: zero_based, one_based, modicon)`` for a missing key that takes a fixed set."""
+    if model is None or key not in model.model_fields:
+        return ""
+    tp = _unwrap(model.model_fields[key].annotation)
+    if get_origin(tp) is Literal:
+        values = [str(v) for v in get_args(tp)]
+    elif isinstance(tp, type) and issubclass(tp, str) and hasattr(tp, "__members__"):
+        values = [str(m.value) for m in tp.__members__.values()]
+    else:
+        return ""
+    return f" (one of: {', '.join(values)})"
+
+
+def _did_you_mean(word: str, choices: list[str]) -> str:
+    # Every choice with the best score: 'floatt' is as close to float32 as to float64, and
+    # naming only one would be a guess.
+    scored = [(difflib.SequenceMatcher(None, word.lower(), c.lower()).ratio(), c) for c in choices]
+    best = max((score for score, _ in scored), default=0.0)
+    if best < 0.6:
+        return ""
+    close = [f"'{c}'" for score, c in scored if score == best][:3]
+    return f"; did you mean {' or '.join(close)}?"
+
+
+def _show(value: Any) -> str:
+    """A value as the user wrote it, in YAML terms."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return repr(value)
+
+
+def _render_loc(loc: Loc) -> str:
+    """``("devices", 0, "tags", 3, "type")`` -> ``devices[0].tags[3].type``."""
+    out = ""
+    for seg in loc:
+        out += f"[{seg}]" if isinstance(seg, int) else (f".{seg}" if out else str(seg))
+    return out
+
+
+# --- cross-checks on a validated config -------------------------------------------------------
+
+_FORBIDDEN = {"+": "MQTT wildcard", "#": "MQTT wildcard", "/": "MQTT topic separator"}
+
+
+def _name_problem(what: str, value: str) -> str | None:
+    """Names become MQTT topic levels and OPC UA browse names."""
+    for char, why in _FORBIDDEN.items():
+        if char in value:
+            return f"{what} {value!r} may not contain '{char}' ({why})"
+    if any(unicodedata.category(c) == "Cc" for c in value):
+        return f"{what} {value!r} may not contain control characters"
+    if value.startswith("$"):
+        return f"{what} {value!r} may not start with '$' (reserved for MQTT system topics)"
+    return None
+
+
+def _cross_check(config: GatewayConfig, loader: _Loader, csv_failed: set[int]) -> list[ConfigIssue]:
+    issues: list[ConfigIssue] = []
+
+    def add(loc: Loc, message: str) -> None:
+        issues.append(_at(loader, loc, loc, message))
+
+    def first_at(first: Loc, here: Loc) -> str:
+        return loader.describe(first, loader.locate(here)[0])
+
+    gw = config.gateway
+    for field in ("name", "site", "area", "line"):
+        if problem := _name_problem(f"gateway {field}", getattr(gw, field)):
+            add(("gateway", field), problem)
+
+    device_names: dict[str, Loc] = {}
+    tag_keys: dict[str, Loc] = {}
+    endpoints: dict[tuple[str, int, int], tuple[Loc, str]] = {}
+    for i, device in enumerate(config.devices):
+        here: Loc = ("devices", i)
+        for field, what in (("name", "device name"), ("machine", "machine name")):
+            if problem := _name_problem(what, getattr(device, field)):
+                add((*here, field), problem)
+        if device.name in device_names:
+            first = device_names[device.name]
+            add(
+                (*here, "name"),
+                f"device name '{device.name}' is already used "
+                f"(first at {first_at((*first, 'name'), (*here, 'name'))})",
+            )
+        else:
+            device_names[device.name] = here
+
+        if device.enabled:
+            endpoint = (device.host.lower(), device.port, device.unit_id)
+            if endpoint in endpoints:
+                first, other = endpoints[endpoint]
+                add(
+                    (*here, "unit_id"),
+                    f"device '{device.name}' polls {device.host}:{device.port} unit_id "
+                    f"{device.unit_id}, like device '{other}' "
+                    f"(at {first_at(first, (*here, 'unit_id'))}); give each its own unit_id "
+                    f"or disable one",
+                )
+            else:
+                endpoints[endpoint] = (here, device.name)
+
+        # Strictly shorter: a timeout as long as the interval means a silent device overruns
+        # every single slot.
+        if device.timeout >= device.interval:
+            add(
+                (*here, "timeout"),
+                f"timeout {device.timeout:g} s must be shorter than the poll interval "
+                f"{device.interval:g} s; a silent device would hold up every poll",
+            )
+        if not device.tags and i not in csv_failed:
+            add(
+                (*here, "tags"),
+                f"device '{device.name}' has no tags; list them under `tags:` "
+                f"or name a CSV file in `tags_csv:`",
+            )
+        for k, tag in enumerate(device.tags):
+            tag_loc: Loc = (*here, "tags", k)
+            if problem := _name_problem("tag name", tag.name):
+                add((*tag_loc, "name"), problem)
+            key = f"{device.machine}/{tag.name}"
+            if key in tag_keys:
+                add(
+                    (*tag_loc, "name"),
+                    f"tag '{key}' is already defined "
+                    f"(first at {first_at((*tag_keys[key], 'name'), (*tag_loc, 'name'))}); "
+                    f"tag names must be unique per machine",
+                )
+            else:
+                tag_keys[key] = tag_loc
+            if tag.interval is not None and device.timeout >= tag.interval:
+                add(
+                    (*tag_loc, "interval"),
+                    f"interval {tag.interval:g} s must be longer than the device timeout "
+                    f"{device.timeout:g} s; raise it or lower the device's `timeout:`",
+                )
+        # Each driver adds its own checks here, keyed by its model type.
+        if isinstance(device, ModbusTcpDevice):
+            for loc, message in check_device(device):
+                add((*here, *loc), message)
+    return issues
+
+
+def _ordered(issues: list[ConfigIssue], main_file: str) -> list[ConfigIssue]:
+    """File order: the config file first, then CSV files; duplicates (merged anchors) once."""
+    unique = list(dict.fromkeys(issues))
+    return sorted(unique, key=lambda i: (i.file != main_file, i.file, i.line or 0))

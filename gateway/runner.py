@@ -1,0 +1,233 @@
+"""The device runner: owns time, retries and counting for one driver.
+
+Drivers do one poll per call and nothing else. Here live the fixed-rate schedule, overrun
+skipping, the poll timeout, jittered exponential backoff on failure, log-once/recover-once,
+and the per-device counters. Library reconnect loops are off; this is the one retry policy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+
+from drivers.base import Driver
+from gateway.bus import Bus
+from gateway.errors import DeviceError
+from gateway.logutil import OnceLogger
+from gateway.model import Quality, Reading, Reason
+from gateway.normalize import bad, normalize
+from gateway.status import DeviceState, DeviceStatus
+
+__all__ = ["Backoff", "DeviceRunner"]
+
+log = logging.getLogger("gateway.runner")
+
+#: Failures the runner retries. Anything else is a bug and ends the process loudly.
+RETRIABLE: tuple[type[BaseException], ...] = (DeviceError, TimeoutError, OSError)
+
+
+class Backoff:
+    """Exponential backoff with equal jitter: never zero, never in lockstep across devices."""
+
+    def __init__(
+        self,
+        base: float = 0.5,
+        cap: float = 30.0,
+        factor: float = 2.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.base = base
+        self.cap = cap
+        self.factor = factor
+        self.attempt = 0
+        self._rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
+
+    def next(self) -> float:
+        ceiling = min(self.cap, self.base * self.factor ** min(self.attempt, 30))
+        self.attempt += 1
+        return ceiling / 2 + self._rng.uniform(0, ceiling / 2)
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+def _reason_of(exc: BaseException) -> Reason:
+    kind = getattr(exc, "kind", "")
+    if isinstance(exc, TimeoutError) or kind == "timeout":
+        return Reason.TIMEOUT
+    if kind == "exception":
+        return Reason.DEVICE_EXCEPTION
+    if kind == "decode":
+        return Reason.DECODE_ERROR
+    return Reason.NO_COMMUNICATION
+
+
+def _kind_of(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    if isinstance(exc, DeviceError):
+        return exc.kind
+    return "connection"
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    if isinstance(exc, TimeoutError) and not text:
+        return "no answer within the poll timeout"
+    return text or type(exc).__name__
+
+
+class DeviceRunner:
+    """Polls one driver's read groups on a fixed-rate schedule until ``stop`` is set."""
+
+    def __init__(
+        self,
+        driver: Driver,
+        bus: Bus,
+        status: DeviceStatus,
+        *,
+        connect_timeout: float,
+        backoff: Backoff | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.driver = driver
+        self.bus = bus
+        self.status = status
+        self.connect_timeout = connect_timeout
+        self.backoff = backoff or Backoff()
+        self._clock = clock
+        self._wall = wall
+        self._once = OnceLogger(log, f"device {driver.name}")
+        self._connected = False
+        self._specs = driver.tags
+
+    # -- one step each; run() strings them together -------------------------------------
+
+    async def connect(self) -> None:
+        self.status.connects += 1
+        async with asyncio.timeout(self.connect_timeout):
+            await self.driver.connect()
+        self._connected = True
+
+    async def poll(self, group: int) -> list[Reading]:
+        """One read of ``group``: normalise, publish and count. Raises on device failure."""
+        start = self._clock()
+        self.status.polls += 1
+        async with asyncio.timeout(self.driver.poll_timeout(group)):
+            samples = await self.driver.read(group)
+        ts = self._wall()
+        duration = self._clock() - start
+        latest = self.bus.latest
+        specs = self._specs
+        readings: list[Reading] = []
+        reasons: set[Reason] = set()
+        for sample in samples:
+            spec = specs[sample.index]
+            reading = normalize(spec, sample, ts, latest.get(spec.key))
+            if reading.quality is Quality.BAD:
+                reasons.add(reading.reason)
+            readings.append(reading)
+        self.bus.publish(readings)
+        st = self.status
+        st.last_duration = duration
+        st.max_duration = max(st.max_duration, duration)
+        st.last_success_ts = ts
+        st.consecutive_failures = 0
+        if reasons:
+            # The device answered, but some tags did not decode or were refused: count per
+            # poll, and keep the device online, because its other tags are fine.
+            for reason in reasons:
+                st.errors[reason.value] += 1
+            st.last_error = next(r.detail for r in readings if r.quality is Quality.BAD)
+            st.last_error_ts = ts
+        else:
+            st.good_polls += 1
+        if st.state is not DeviceState.ONLINE:
+            st.state = DeviceState.ONLINE
+            self._once.recovered()
+        self.backoff.reset()
+        return readings
+
+    async def fail(self, exc: BaseException) -> None:
+        """Record a device failure: count it, log once, mark every tag Bad, drop the link."""
+        st = self.status
+        ts = self._wall()
+        message = _describe(exc)
+        st.errors[_kind_of(exc)] += 1
+        st.consecutive_failures += 1
+        st.last_error = message
+        st.last_error_ts = ts
+        st.state = DeviceState.OFFLINE
+        self._once.failed(message)
+        reason = _reason_of(exc)
+        latest = self.bus.latest
+        self.bus.publish(
+            [bad(spec, latest.get(spec.key), reason, message, ts) for spec in self._specs]
+        )
+        self._connected = False
+        await self._close_quietly()
+
+    async def _close_quietly(self) -> None:
+        try:
+            await self.driver.close()
+        except RETRIABLE as exc:
+            log.debug("closing %s: %s", self.driver.name, exc)
+
+    # -- the loop ------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        groups = self.driver.groups
+        try:
+            while not stop.is_set():
+                if not self._connected:
+                    try:
+                        await self.connect()
+                    except RETRIABLE as exc:
+                        await self.fail(exc)
+                        await _sleep_or_stop(stop, self.backoff.next())
+                        continue
+                if not await self._poll_schedule(stop, groups):
+                    await _sleep_or_stop(stop, self.backoff.next())
+        finally:
+            self.status.state = DeviceState.STOPPED
+            await self._close_quietly()
+
+    async def _poll_schedule(self, stop: asyncio.Event, groups: Sequence[object]) -> bool:
+        """Poll on fixed-rate deadlines until stop or a failure. Returns False on failure."""
+        intervals = [g.interval for g in self.driver.groups]
+        now = self._clock()
+        due = [now] * len(groups)
+        while not stop.is_set():
+            group = min(range(len(due)), key=due.__getitem__)
+            wait = due[group] - self._clock()
+            if wait > 0 and await _sleep_or_stop(stop, wait):
+                return True
+            try:
+                await self.poll(group)
+            except RETRIABLE as exc:
+                await self.fail(exc)
+                return False
+            interval = intervals[group]
+            due[group] += interval
+            now = self._clock()
+            if due[group] <= now:
+                # Fixed rate, not fixed delay: a slot we could not make is skipped and
+                # counted, never queued up to fire in a burst afterwards.
+                missed = math.floor((now - due[group]) / interval) + 1
+                self.status.overruns += missed
+                due[group] += missed * interval
+        return True
+
+
+async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> bool:
+    """Sleep up to ``seconds``; True if ``stop`` was set meanwhile."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await stop.wait()
+    return stop.is_set()
