@@ -17,6 +17,7 @@ import asyncio
 import contextvars
 import logging
 import socket
+import struct
 from collections.abc import Sequence
 from types import TracebackType
 from typing import Self
@@ -30,7 +31,16 @@ from pymodbus.exceptions import (
     NoSuchIdException,
 )
 from pymodbus.pdu import ExceptionResponse, ModbusPDU
-from pymodbus.pdu.bit_message import ReadCoilsRequest, ReadDiscreteInputsRequest
+from pymodbus.pdu.bit_message import (
+    ReadCoilsRequest,
+    ReadCoilsResponse,
+    ReadDiscreteInputsRequest,
+    ReadDiscreteInputsResponse,
+)
+from pymodbus.pdu.register_message import (
+    ReadHoldingRegistersResponse,
+    ReadInputRegistersResponse,
+)
 from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
@@ -40,7 +50,14 @@ from gateway.errors import ConnectionLost, DecodeError, DeviceException, DeviceT
 
 __all__ = ["EXCEPTION_NAMES", "ModbusTcpTransport", "RegisterServer"]
 
-log = logging.getLogger("drivers.modbus.transport")
+# Every failure pymodbus logs (a failed connect as WARNING, each timeout as ERROR with a hex
+# dump of the last 20 frames) reaches the runner as a gateway error, which logs and counts
+# it: pymodbus's copy would repeat on every poll of a dead device. Left alone if configured
+# elsewhere, so ``logging.getLogger("pymodbus").setLevel(logging.DEBUG)`` still shows the
+# wire.
+_pymodbus_log = logging.getLogger("pymodbus")
+if _pymodbus_log.level == logging.NOTSET:
+    _pymodbus_log.setLevel(logging.CRITICAL)
 
 #: Modbus Application Protocol v1.1b3 §7.
 EXCEPTION_NAMES: dict[int, str] = {
@@ -64,6 +81,63 @@ def _set_nodelay(transport: asyncio.BaseTransport | None) -> None:
     sock = transport.get_extra_info("socket") if transport is not None else None
     if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+# -- fast response decoding ------------------------------------------------------------------
+#
+# pymodbus decodes a register response one struct.unpack per register, and its decoder
+# formats every response with str() for a debug message even when debug logging is off,
+# which prints the whole register list. These classes, registered on each client through
+# pymodbus's public register() hook, decode in one unpack_from and print in constant time.
+
+_WORDS: dict[int, struct.Struct] = {n: struct.Struct(f">{n // 2}H") for n in range(0, 252, 2)}
+#: Byte value -> its 8 bits, least significant first (the Modbus order of coils in a byte).
+_BYTE_BITS: tuple[tuple[bool, ...], ...] = tuple(
+    tuple(bool(b >> i & 1) for i in range(8)) for b in range(256)
+)
+
+
+def _decode_registers(pdu: ModbusPDU, data: bytes) -> None:
+    size = data[0]
+    words = _WORDS.get(size)
+    if words is None or size >= len(data):
+        raise ModbusIOException(
+            f"byte count {size} does not fit {len(data)} bytes", function_code=pdu.function_code
+        )
+    pdu.registers = list(words.unpack_from(data, 1))
+
+
+def _decode_bits(pdu: ModbusPDU, data: bytes) -> None:
+    table = _BYTE_BITS
+    pdu.bits = [bit for byte in data[1 : 1 + data[0]] for bit in table[byte]]
+
+
+def _short_str(pdu: ModbusPDU) -> str:
+    size = len(pdu.registers) or len(pdu.bits)
+    return f"{type(pdu).__name__}(dev_id={pdu.dev_id}, tid={pdu.transaction_id}, n={size})"
+
+
+class _HoldingResponse(ReadHoldingRegistersResponse):
+    decode = _decode_registers
+    __str__ = _short_str
+
+
+class _InputResponse(ReadInputRegistersResponse):
+    decode = _decode_registers
+    __str__ = _short_str
+
+
+class _CoilsResponse(ReadCoilsResponse):
+    decode = _decode_bits
+    __str__ = _short_str
+
+
+class _DiscreteInputsResponse(ReadDiscreteInputsResponse):
+    decode = _decode_bits
+    __str__ = _short_str
+
+
+_FAST_RESPONSES = (_HoldingResponse, _InputResponse, _CoilsResponse, _DiscreteInputsResponse)
 
 
 # -- client ---------------------------------------------------------------------------------
@@ -132,6 +206,8 @@ class ModbusTcpTransport:
             timeout=self.connect_timeout,
             retries=0,
         )
+        for response_class in _FAST_RESPONSES:
+            client.register(response_class)
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
@@ -330,7 +406,7 @@ class _Responder:
         self.device = device
         self.owner = owner
 
-    async def action(  # noqa: PLR0917 - the signature pymodbus calls
+    async def action(
         self,
         function_code: int,
         start_address: int,

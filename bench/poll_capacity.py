@@ -1,0 +1,178 @@
+"""Poll capacity: how many values/s the gateway core decodes and normalises, at what cost.
+
+Starts the simulator in its own process (100 devices x 100 tags of mixed types, contiguous and
+with gaps, each device on its own port as machines on their own IPs), then runs the gateway
+core (runners, decode, normalise, bus, one counting subscriber) in this process at a 1 s
+interval, and prints one JSON line:
+
+    values_per_s, requests_per_cycle, min_requests_per_cycle, cpu_pct_of_one_core (gateway),
+    peak_rss_mb (gateway), sim_cpu_pct (so the simulator is seen not to be the bottleneck),
+    overruns and errors (both must be 0 for the figures to mean anything).
+
+Usage: python bench/poll_capacity.py [--devices 100] [--tags 100] [--duration 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+from drivers.modbus.config import ModbusTag, register_count, resolve_address
+from drivers.modbus.plan import Span, minimum_requests
+from drivers.modbus.simulator import bench_device
+from gateway.app import Gateway
+from gateway.bus import Subscription
+from gateway.config import GatewayConfig, LoadedConfig
+
+BASE_PORT = 15020
+
+
+def device_configs(devices: int, tags: int, base_port: int, interval: float) -> list[dict[str, object]]:
+    out = []
+    for d in range(devices):
+        _, tag_dicts = bench_device(1, tags, seed=d)
+        out.append(
+            {
+                "name": f"bench-{d:03d}",
+                "driver": "modbus_tcp",
+                "machine": f"machine-{d:03d}",
+                "host": "127.0.0.1",
+                "port": base_port + d,
+                "unit_id": 1,
+                "interval": interval,
+                "timeout": min(0.5, interval / 2),
+                "addressing": "zero_based",
+                "tags": [{k: v for k, v in t.items() if v is not None} for t in tag_dicts],
+            }
+        )
+    return out
+
+
+async def serve_simulator(devices: int, tags: int, base_port: int) -> None:
+    from drivers.modbus.transport import RegisterServer  # noqa: PLC0415 - child process only
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    import signal  # noqa: PLC0415
+
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    servers = []
+    for d in range(devices):
+        device, _ = bench_device(1, tags, seed=d)
+        server = RegisterServer([device], host="127.0.0.1", port=base_port + d)
+        await server.start()
+        servers.append(server)
+    print("ready", flush=True)
+    await stop.wait()
+    for server in servers:
+        await server.stop()
+
+
+async def measure(args: argparse.Namespace) -> dict[str, object]:
+    configs = device_configs(args.devices, args.tags, args.port, args.interval)
+    cfg = GatewayConfig.model_validate(
+        {"gateway": {"site": "bench", "area": "a", "line": "l"}, "bus": {"queue_size": 1000},
+         "devices": configs}
+    )
+    gw = Gateway(LoadedConfig(path=Path("<bench>"), config=cfg))
+    minimum = 0
+    for device in cfg.devices:
+        spans = []
+        for i, tag in enumerate(device.tags):
+            table, address = resolve_address(device.addressing, tag.table, tag.address)
+            spans.append(Span(i, table, address, register_count(ModbusTag.model_validate(tag))))
+        minimum += minimum_requests(spans)
+    planned = sum(getattr(d, "requests_per_cycle", 0) for d in gw.drivers)
+
+    received = 0
+
+    async def count(sub: Subscription) -> None:
+        nonlocal received
+        async for batch in sub:
+            received += len(batch)
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(gw.run(stop, sinks=[("count", count)]), name="gateway")
+    await asyncio.sleep(args.warmup)
+    me = psutil.Process()
+    cpu0, wall0, recv0 = time.process_time(), time.monotonic(), received
+    await asyncio.sleep(args.duration)
+    cpu1, wall1, recv1 = time.process_time(), time.monotonic(), received
+    rss_now = me.memory_info().rss
+    stop.set()
+    await task
+    elapsed = wall1 - wall0
+    errors = sum(sum(s.errors.values()) for s in gw.statuses.values())
+    overruns = sum(s.overruns for s in gw.statuses.values())
+    return {
+        "values_per_s": round((recv1 - recv0) / elapsed, 1),
+        "requests_per_cycle": planned,
+        "min_requests_per_cycle": minimum,
+        "cpu_pct_of_one_core": round(100 * (cpu1 - cpu0) / elapsed, 2),
+        "rss_mb": round(rss_now / 2**20, 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "errors": errors,
+        "overruns": overruns,
+        "dropped": sum(s.dropped_batches for s in gw.bus.subscriptions),
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--devices", type=int, default=100)
+    p.add_argument("--tags", type=int, default=100)
+    p.add_argument("--interval", type=float, default=1.0)
+    p.add_argument("--duration", type=float, default=30.0)
+    p.add_argument("--warmup", type=float, default=5.0)
+    p.add_argument("--port", type=int, default=BASE_PORT)
+    p.add_argument("--serve-sim", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.serve_sim:
+        asyncio.run(serve_simulator(args.devices, args.tags, args.port))
+        return 0
+
+    sim = subprocess.Popen(  # noqa: S603 - our own script, fixed arguments
+        [sys.executable, __file__, "--serve-sim", "--devices", str(args.devices),
+         "--tags", str(args.tags), "--port", str(args.port)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert sim.stdout is not None
+        if sim.stdout.readline().strip() != "ready":
+            raise SystemExit("simulator did not start")
+        sim_proc = psutil.Process(sim.pid)
+        sim_cpu0 = sum(sim_proc.cpu_times()[:2])
+        t0 = time.monotonic()
+        result = asyncio.run(measure(args))
+        sim_cpu = sum(sim_proc.cpu_times()[:2]) - sim_cpu0
+        result["sim_cpu_pct"] = round(100 * sim_cpu / (time.monotonic() - t0), 1)
+    finally:
+        sim.terminate()
+        sim.wait(timeout=10)
+    result = {
+        "bench": "poll_capacity",
+        "devices": args.devices,
+        "tags_per_device": args.tags,
+        "interval_s": args.interval,
+        "duration_s": args.duration,
+        **result,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+    }
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
