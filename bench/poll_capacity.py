@@ -37,7 +37,9 @@ from gateway.config import GatewayConfig, LoadedConfig
 BASE_PORT = 15020
 
 
-def device_configs(devices: int, tags: int, base_port: int, interval: float) -> list[dict[str, object]]:
+def device_configs(
+    devices: int, tags: int, base_port: int, interval: float
+) -> list[dict[str, object]]:
     out = []
     for d in range(devices):
         _, tag_dicts = bench_device(1, tags, seed=d)
@@ -81,8 +83,11 @@ async def serve_simulator(devices: int, tags: int, base_port: int) -> None:
 async def measure(args: argparse.Namespace) -> dict[str, object]:
     configs = device_configs(args.devices, args.tags, args.port, args.interval)
     cfg = GatewayConfig.model_validate(
-        {"gateway": {"site": "bench", "area": "a", "line": "l"}, "bus": {"queue_size": 1000},
-         "devices": configs}
+        {
+            "gateway": {"site": "bench", "area": "a", "line": "l"},
+            "bus": {"queue_size": 1000},
+            "devices": configs,
+        }
     )
     gw = Gateway(LoadedConfig(path=Path("<bench>"), config=cfg))
     minimum = 0
@@ -141,10 +146,20 @@ def main() -> int:
         asyncio.run(serve_simulator(args.devices, args.tags, args.port))
         return 0
 
-    sim = subprocess.Popen(  # noqa: S603 - our own script, fixed arguments
-        [sys.executable, __file__, "--serve-sim", "--devices", str(args.devices),
-         "--tags", str(args.tags), "--port", str(args.port)],
-        stdout=subprocess.PIPE, text=True,
+    sim = subprocess.Popen(
+        [
+            sys.executable,
+            __file__,
+            "--serve-sim",
+            "--devices",
+            str(args.devices),
+            "--tags",
+            str(args.tags),
+            "--port",
+            str(args.port),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert sim.stdout is not None

@@ -11,7 +11,7 @@ import asyncio
 import importlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +28,7 @@ __all__ = ["Gateway", "Sink", "build_driver", "log_sink"]
 log = logging.getLogger("gateway")
 
 #: A sink consumes one subscription until it ends (the bus closed and the queue drained).
-Sink = Callable[[Subscription], Awaitable[None]]
+Sink = Callable[[Subscription], Coroutine[Any, Any, None]]
 
 
 def build_driver(device: Any) -> Driver:

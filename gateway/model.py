@@ -53,13 +53,13 @@ class Reason(enum.StrEnum):
 class RawSample(NamedTuple):
     """What a driver returns for one tag: a typed value before scaling, or why there is none.
 
-    ``index`` is the tag's position in the device's compiled tag list; drivers and the runner
-    agree on it at compile time so that the hot path never looks tags up by name. A NamedTuple,
-    not a frozen dataclass: 10,000 of these are made per second, and a frozen dataclass's
-    ``__init__`` costs several times more.
+    ``tag`` is the tag's position in the device's compiled tag list (``TagSpec.index``);
+    drivers and the runner agree on it at compile time so that the hot path never looks tags
+    up by name. A NamedTuple, not a frozen dataclass: 10,000 of these are made per second,
+    and a frozen dataclass's ``__init__`` costs several times more.
     """
 
-    index: int
+    tag: int
     value: Value | None
     raw: tuple[int, ...] = ()
     reason: Reason = Reason.NONE

@@ -128,7 +128,7 @@ class DeviceRunner:
         readings: list[Reading] = []
         reasons: set[Reason] = set()
         for sample in samples:
-            spec = specs[sample.index]
+            spec = specs[sample.tag]
             reading = normalize(spec, sample, ts, latest.get(spec.key))
             if reading.quality is Quality.BAD:
                 reasons.add(reading.reason)

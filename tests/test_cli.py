@@ -36,7 +36,9 @@ def wait_for_port(port: int, timeout: float = 10.0) -> None:
 def simulator(port: int) -> Iterator[subprocess.Popen[str]]:
     proc = subprocess.Popen(
         [*CLI, "simulate", "--port", str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         wait_for_port(port)
@@ -94,8 +96,9 @@ def test_check_exits_2_with_file_line_and_key(
 def test_run_with_bad_config_exits_2_before_starting(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("gateway: {site: s, area: a, line: l}\ndevices: []\nbogus: 1\n")
-    proc = subprocess.run([*CLI, "run", str(bad)], capture_output=True, text=True, timeout=30,
-                          check=False)
+    proc = subprocess.run(
+        [*CLI, "run", str(bad)], capture_output=True, text=True, timeout=30, check=False
+    )
     assert proc.returncode == 2
     assert "bad.yaml:3" in proc.stderr
     assert "bogus" in proc.stderr
@@ -112,8 +115,9 @@ def test_once_prints_the_table_from_the_simulator(tmp_path: Path) -> None:
     port = free_port()
     config = demo_config_on(tmp_path, port)
     with simulator(port):
-        proc = subprocess.run([*CLI, "once", str(config)], capture_output=True, text=True,
-                              timeout=60, check=False)
+        proc = subprocess.run(
+            [*CLI, "once", str(config)], capture_output=True, text=True, timeout=60, check=False
+        )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0].split()[:6] == ["MACHINE", "TAG", "VALUE", "UNIT", "QUALITY", "RAW"]
@@ -130,21 +134,31 @@ def test_once_json_and_exit_1_when_a_device_is_down(tmp_path: Path) -> None:
     config = demo_config_on(tmp_path, port)
     # Only the lathe's port is served: the mill is down.
     proc_sim = subprocess.Popen(
-        [sys.executable, "-c",
-         "import asyncio,sys\n"
-         "from drivers.modbus.simulator import Lathe\n"
-         "from drivers.modbus.transport import RegisterServer\n"
-         "async def m():\n"
-         f"    async with RegisterServer([Lathe(unit_id=1)], port={port}):\n"
-         "        print('ready', flush=True); await asyncio.sleep(60)\n"
-         "asyncio.run(m())\n"],
-        stdout=subprocess.PIPE, text=True, cwd=ROOT,
+        [
+            sys.executable,
+            "-c",
+            "import asyncio,sys\n"
+            "from drivers.modbus.simulator import Lathe\n"
+            "from drivers.modbus.transport import RegisterServer\n"
+            "async def m():\n"
+            f"    async with RegisterServer([Lathe(unit_id=1)], port={port}):\n"
+            "        print('ready', flush=True); await asyncio.sleep(60)\n"
+            "asyncio.run(m())\n",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
     )
     try:
         assert proc_sim.stdout is not None
         assert proc_sim.stdout.readline().strip() == "ready"
-        proc = subprocess.run([*CLI, "once", "--json", str(config)], capture_output=True,
-                              text=True, timeout=60, check=False)
+        proc = subprocess.run(
+            [*CLI, "once", "--json", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
     finally:
         proc_sim.kill()
         proc_sim.communicate(timeout=10)
@@ -163,8 +177,9 @@ def test_demo_starts_polls_and_stops_cleanly_on_sigterm() -> None:
     if not _port_free(5020) or not _port_free(5021):
         pytest.skip("the demo's fixed ports 5020/5021 are taken on this machine")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([*CLI, "demo"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=env)
+    proc = subprocess.Popen(
+        [*CLI, "demo"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
     try:
         wait_for_port(5020)
         time.sleep(2.5)

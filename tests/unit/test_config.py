@@ -374,9 +374,7 @@ def test_tag_interval_shorter_than_timeout(tmp_path: Path) -> None:
     path = write(tmp_path, MINIMAL.replace("unit: rpm}", "unit: rpm, interval: 0.5}"))
     issue = only(issues_of(path))
     assert issue.key == "devices[0].tags[0].interval"
-    assert issue.message.startswith(
-        "interval 0.5 s must be longer than the device timeout 0.5 s"
-    )
+    assert issue.message.startswith("interval 0.5 s must be longer than the device timeout 0.5 s")
 
 
 def test_mqtt_wildcard_in_tag_name(tmp_path: Path) -> None:
