@@ -27,9 +27,8 @@ from pathlib import Path
 
 import psutil
 
-from drivers.modbus.config import ModbusTag, register_count, resolve_address
+from drivers.modbus.config import register_count, resolve_address
 from drivers.modbus.plan import Span, minimum_requests
-from drivers.modbus.simulator import bench_device
 from gateway.app import Gateway
 from gateway.bus import Subscription
 from gateway.config import GatewayConfig, LoadedConfig
@@ -38,30 +37,29 @@ BASE_PORT = 15020
 
 
 def device_configs(
-    devices: int, tags: int, base_port: int, interval: float
+    tag_lists: list[list[dict[str, object]]], base_port: int, interval: float
 ) -> list[dict[str, object]]:
-    out = []
-    for d in range(devices):
-        _, tag_dicts = bench_device(1, tags, seed=d)
-        out.append(
-            {
-                "name": f"bench-{d:03d}",
-                "driver": "modbus_tcp",
-                "machine": f"machine-{d:03d}",
-                "host": "127.0.0.1",
-                "port": base_port + d,
-                "unit_id": 1,
-                "interval": interval,
-                "timeout": min(0.5, interval / 2),
-                "addressing": "zero_based",
-                "tags": [{k: v for k, v in t.items() if v is not None} for t in tag_dicts],
-            }
-        )
-    return out
+    return [
+        {
+            "name": f"bench-{d:03d}",
+            "driver": "modbus_tcp",
+            "machine": f"machine-{d:03d}",
+            "host": "127.0.0.1",
+            "port": base_port + d,
+            "unit_id": 1,
+            "interval": interval,
+            "timeout": min(0.5, interval / 2),
+            "addressing": "zero_based",
+            "tags": [{k: v for k, v in t.items() if v is not None} for t in tag_dicts],
+        }
+        for d, tag_dicts in enumerate(tag_lists)
+    ]
 
 
 async def serve_simulator(devices: int, tags: int, base_port: int) -> None:
-    from drivers.modbus.transport import RegisterServer  # noqa: PLC0415 - child process only
+    # Child process only: the gateway process must not carry the simulator's register maps.
+    from drivers.modbus.simulator import bench_device  # noqa: PLC0415
+    from drivers.modbus.transport import RegisterServer  # noqa: PLC0415
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -69,34 +67,39 @@ async def serve_simulator(devices: int, tags: int, base_port: int) -> None:
 
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     servers = []
+    tag_lists = []
     for d in range(devices):
-        device, _ = bench_device(1, tags, seed=d)
+        device, tag_dicts = bench_device(1, tags, seed=d)
+        tag_lists.append(tag_dicts)
         server = RegisterServer([device], host="127.0.0.1", port=base_port + d)
         await server.start()
         servers.append(server)
-    print("ready", flush=True)
+    print(json.dumps(tag_lists), flush=True)
     await stop.wait()
     for server in servers:
         await server.stop()
 
 
-async def measure(args: argparse.Namespace) -> dict[str, object]:
-    configs = device_configs(args.devices, args.tags, args.port, args.interval)
+async def measure(
+    args: argparse.Namespace, tag_lists: list[list[dict[str, object]]]
+) -> dict[str, object]:
     cfg = GatewayConfig.model_validate(
         {
             "gateway": {"site": "bench", "area": "a", "line": "l"},
             "bus": {"queue_size": 1000},
-            "devices": configs,
+            "devices": device_configs(tag_lists, args.port, args.interval),
         }
     )
-    gw = Gateway(LoadedConfig(path=Path("<bench>"), config=cfg))
+    del tag_lists[:]
     minimum = 0
     for device in cfg.devices:
         spans = []
         for i, tag in enumerate(device.tags):
             table, address = resolve_address(device.addressing, tag.table, tag.address)
-            spans.append(Span(i, table, address, register_count(ModbusTag.model_validate(tag))))
+            spans.append(Span(i, table, address, register_count(tag)))
         minimum += minimum_requests(spans)
+    gw = Gateway(LoadedConfig(path=Path("<bench>"), config=cfg))
+    del cfg
     planned = sum(getattr(d, "requests_per_cycle", 0) for d in gw.drivers)
 
     received = 0
@@ -163,12 +166,15 @@ def main() -> int:
     )
     try:
         assert sim.stdout is not None
-        if sim.stdout.readline().strip() != "ready":
+        line = sim.stdout.readline()
+        if not line.startswith("["):
             raise SystemExit("simulator did not start")
+        tag_lists = json.loads(line)
+        del line
         sim_proc = psutil.Process(sim.pid)
         sim_cpu0 = sum(sim_proc.cpu_times()[:2])
         t0 = time.monotonic()
-        result = asyncio.run(measure(args))
+        result = asyncio.run(measure(args, tag_lists))
         sim_cpu = sum(sim_proc.cpu_times()[:2]) - sim_cpu0
         result["sim_cpu_pct"] = round(100 * sim_cpu / (time.monotonic() - t0), 1)
     finally:

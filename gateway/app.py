@@ -68,6 +68,9 @@ class Gateway:
             self.runners.append(
                 DeviceRunner(driver, self.bus, status, connect_timeout=device.connect_timeout)
             )
+        # Drivers keep what they compiled; release the validated tag models (see driver docs).
+        slim = [d.model_copy(update={"tags": []}) for d in cfg.devices]
+        self.loaded = LoadedConfig(self.loaded.path, cfg.model_copy(update={"devices": slim}))
 
     @property
     def tags(self) -> list[TagSpec]:
