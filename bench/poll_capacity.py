@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
+import gc
 import json
 import os
 import platform
+import pstats
 import resource
 import subprocess
 import sys
@@ -109,12 +112,20 @@ async def measure(
         async for batch in sub:
             received += len(batch)
 
+    gcs0 = [g["collections"] for g in gc.get_stats()]
     stop = asyncio.Event()
     task = asyncio.create_task(gw.run(stop, sinks=[("count", count)]), name="gateway")
     await asyncio.sleep(args.warmup)
     me = psutil.Process()
     cpu0, wall0, recv0 = time.process_time(), time.monotonic(), received
+    profiler = cProfile.Profile() if args.profile else None
+    if profiler:
+        profiler.enable()
     await asyncio.sleep(args.duration)
+    if profiler:
+        # cProfile roughly doubles the cost of Python calls: use it for shares, not totals.
+        profiler.disable()
+        pstats.Stats(profiler, stream=sys.stderr).sort_stats("tottime").print_stats(30)
     cpu1, wall1, recv1 = time.process_time(), time.monotonic(), received
     rss_now = me.memory_info().rss
     stop.set()
@@ -132,6 +143,7 @@ async def measure(
         "errors": errors,
         "overruns": overruns,
         "dropped": sum(s.dropped_batches for s in gw.bus.subscriptions),
+        "gc_collections": [g["collections"] - c for g, c in zip(gc.get_stats(), gcs0, strict=True)],
     }
 
 
@@ -143,6 +155,7 @@ def main() -> int:
     p.add_argument("--duration", type=float, default=30.0)
     p.add_argument("--warmup", type=float, default=5.0)
     p.add_argument("--port", type=int, default=BASE_PORT)
+    p.add_argument("--profile", action="store_true", help="cProfile the window to stderr")
     p.add_argument("--serve-sim", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.serve_sim:

@@ -20,7 +20,7 @@ from gateway.bus import Bus
 from gateway.errors import DeviceError
 from gateway.logutil import OnceLogger
 from gateway.model import Quality, Reading, Reason
-from gateway.normalize import bad, normalize
+from gateway.normalize import DeviceNormalizer, bad
 from gateway.status import DeviceState, DeviceStatus
 
 __all__ = ["Backoff", "DeviceRunner"]
@@ -106,6 +106,7 @@ class DeviceRunner:
         self._once = OnceLogger(log, f"device {driver.name}")
         self._connected = False
         self._specs = driver.tags
+        self._normalizer = DeviceNormalizer(driver.tags)
 
     # -- one step each; run() strings them together -------------------------------------
 
@@ -123,16 +124,8 @@ class DeviceRunner:
             samples = await self.driver.read(group)
         ts = self._wall()
         duration = self._clock() - start
-        latest = self.bus.latest
-        specs = self._specs
-        readings: list[Reading] = []
-        reasons: set[Reason] = set()
-        for sample in samples:
-            spec = specs[sample.tag]
-            reading = normalize(spec, sample, ts, latest.get(spec.key))
-            if reading.quality is Quality.BAD:
-                reasons.add(reading.reason)
-            readings.append(reading)
+        readings = self._normalizer.apply(samples, ts, self.bus.latest)
+        reasons = {r.reason for r in readings if r.quality is Quality.BAD}
         self.bus.publish(readings)
         st = self.status
         st.last_duration = duration

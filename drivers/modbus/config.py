@@ -313,6 +313,12 @@ def _check_tag(tag: ModbusTag, table: Table, address: int) -> list[tuple[tuple[s
     if tag.min is not None and tag.max is not None and tag.min > tag.max:
         out.append((("min",), f"min {tag.min} is greater than max {tag.max}"))
     if tag.type in (DataType.BOOL, DataType.BIT, DataType.STRING) and (
+        tag.min is not None or tag.max is not None
+    ):
+        out.append(
+            (("min" if tag.min is not None else "max",), f"min/max do not apply to type {tag.type}")
+        )
+    if tag.type in (DataType.BOOL, DataType.BIT, DataType.STRING) and (
         tag.scale != 1.0 or tag.offset != 0.0
     ):
         out.append((("scale",), f"scale/offset do not apply to type {tag.type}"))

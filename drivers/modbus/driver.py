@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from typing import cast
 
 from drivers.modbus.config import (
     DataType,
@@ -27,6 +28,9 @@ from gateway.model import RawSample, ReadGroup, Reason, TagSpec
 __all__ = ["ModbusTcpDriver"]
 
 log = logging.getLogger("drivers.modbus")
+
+_new = tuple.__new__
+_OK = Reason.NONE
 
 ILLEGAL_DATA_ADDRESS = 2
 #: Exception codes that mean "the device behind a gateway is not there": the whole device is
@@ -114,6 +118,7 @@ class ModbusTcpDriver:
         ]
         self.requests_sent = 0
         self.splits = 0
+        self._compiled: dict[int, tuple[Request, tuple[tuple[int, int, int, Decoder], ...]]] = {}
 
     # -- Describable ---------------------------------------------------------------------
 
@@ -204,21 +209,41 @@ class ModbusTcpDriver:
     def _decode(
         self, request: Request, values: list[int] | list[bool], out: list[RawSample]
     ) -> None:
-        start = request.start
+        append = out.append
         if request.table.is_bits:
-            for span in request.spans:
-                offset = span.address - start
-                out.append(RawSample(span.index, bool(values[offset]), (int(values[offset]),)))
+            for tag, offset, _, _ in self._items(request):
+                bit = values[offset]
+                append(_new(RawSample, (tag, bool(bit), (int(bit),), _OK, "")))
             return
-        registers = [int(v) for v in values]
+        registers = cast("list[int]", values)
         be, le = buffers(registers)
-        decoders = self._decoders
-        for span in request.spans:
-            offset = span.address - start
-            raw = tuple(registers[offset : offset + span.count])
-            decoder = decoders[span.index]
-            assert decoder is not None  # bools live in bit tables, enforced by config checks
+        for tag, offset, count, decoder in self._items(request):
+            raw = tuple(registers[offset : offset + count])
             try:
-                out.append(RawSample(span.index, decoder(be, le, offset), raw))
+                append(_new(RawSample, (tag, decoder(be, le, offset), raw, _OK, "")))
             except DecodeError as exc:
-                out.append(RawSample(span.index, None, raw, Reason.DECODE_ERROR, str(exc)))
+                append(RawSample(tag, None, raw, Reason.DECODE_ERROR, str(exc)))
+
+    def _items(self, request: Request) -> tuple[tuple[int, int, int, Decoder], ...]:
+        """Per span of ``request``: (tag index, offset, count, decoder), computed once.
+
+        Keyed by identity: requests are long-lived plan entries, and hashing a frozen
+        request would hash every span on every poll.
+        """
+        items = self._compiled.get(id(request))
+        if items is None or items[0] is not request:
+            start = request.start
+            items = (
+                request,
+                tuple(
+                    (s.index, s.address - start, s.count, self._decoders[s.index] or _no_decoder)
+                    for s in request.spans
+                ),
+            )
+            self._compiled[id(request)] = items
+        return items[1]
+
+
+def _no_decoder(be: bytes, le: bytes, offset: int) -> bool:
+    # Bit tables never call a decoder; this keeps the compiled tuple's type uniform.
+    raise AssertionError("bool tags live in bit tables")

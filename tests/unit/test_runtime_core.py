@@ -14,11 +14,13 @@ import random
 from collections.abc import Sequence
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gateway.bus import Bus
 from gateway.errors import ConnectionLost, DeviceTimeout
 from gateway.model import Quality, RawSample, ReadGroup, Reading, Reason, TagSpec
-from gateway.normalize import normalize
+from gateway.normalize import DeviceNormalizer, normalize
 from gateway.runner import Backoff, DeviceRunner
 from gateway.status import DeviceState, DeviceStatus
 
@@ -251,3 +253,50 @@ def test_backoff_grows_with_jitter_and_resets() -> None:
     assert len(set(delays)) == 6
     b.reset()
     assert b.next() <= 1.0
+
+
+# -- the device normaliser is the reference normaliser, only faster -------------------------
+
+_values = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**63), 2**64 - 1),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=4),
+)
+
+
+@given(
+    datatype=st.sampled_from(["uint16", "int32", "float32", "bool", "bit", "string"]),
+    scale=st.sampled_from([1.0, 0.1, -2.0]),
+    offset=st.sampled_from([0.0, 5.0]),
+    minimum=st.one_of(st.none(), st.floats(-100, 100)),
+    maximum=st.one_of(st.none(), st.floats(-100, 100)),
+    value=_values,
+    reason=st.sampled_from([Reason.NONE, Reason.DEVICE_EXCEPTION, Reason.DECODE_ERROR]),
+    previous=st.one_of(st.none(), _values),
+)
+def test_device_normalizer_equals_reference(
+    datatype: str,
+    scale: float,
+    offset: float,
+    minimum: float | None,
+    maximum: float | None,
+    value: object,
+    reason: Reason,
+    previous: object,
+) -> None:
+    if datatype in ("bool", "bit", "string"):
+        scale, offset = 1.0, 0.0  # the config refuses scaling of these types
+    s = spec(datatype=datatype, scale=scale, offset=offset, minimum=minimum, maximum=maximum)
+    sample = RawSample(0, value, (1, 2), reason, "why" if reason else "")  # type: ignore[arg-type]
+    latest = (
+        {}
+        if previous is None
+        else {
+            s.key: Reading(s.key, previous, Quality.GOOD, 1.0)  # type: ignore[arg-type]
+        }
+    )
+    [fast] = DeviceNormalizer([s]).apply([sample], 9.0, latest)
+    ref = normalize(s, sample, 9.0, latest.get(s.key))
+    assert repr(fast) == repr(ref)  # repr: NaN != NaN, but the same text
