@@ -25,6 +25,7 @@ import pstats
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -83,6 +84,46 @@ async def serve_simulator(devices: int, tags: int, base_port: int) -> None:
         await server.stop()
 
 
+async def run_baseline(gw: Gateway, args: argparse.Namespace) -> dict[str, float]:
+    """Run bench/bare_loop.py on the gateway's own read plan, against the same simulator."""
+    width_fmt = {1: ">H", 2: ">I", 4: ">Q"}
+    devices = []
+    for driver in gw.drivers:
+        plans = driver._plans  # type: ignore[attr-defined]
+        requests = [
+            [
+                r.table.value,
+                r.start,
+                r.count,
+                [[sp.address - r.start, width_fmt.get(sp.count, ">H")] for sp in r.spans],
+            ]
+            for plan in plans
+            for r in plan
+        ]
+        devices.append(
+            {
+                "port": int(driver.endpoint.split(":")[1].split("/")[0]),  # type: ignore[attr-defined]
+                "requests": requests,
+            }
+        )
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(devices, f)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(Path(__file__).with_name("bare_loop.py")),
+            f.name,
+            str(args.warmup),
+            str(args.duration),
+            stdout=asyncio.subprocess.PIPE,
+        )
+        out, _ = await proc.communicate()
+    finally:
+        os.unlink(f.name)
+    result: dict[str, float] = json.loads(out.decode().strip().splitlines()[-1])
+    return result
+
+
 async def measure(
     args: argparse.Namespace, tag_lists: list[list[dict[str, object]]]
 ) -> dict[str, object]:
@@ -103,6 +144,7 @@ async def measure(
         minimum += minimum_requests(spans)
     gw = Gateway(LoadedConfig(path=Path("<bench>"), config=cfg))
     del cfg
+    baseline = await run_baseline(gw, args) if args.baseline else None
     planned = sum(getattr(d, "requests_per_cycle", 0) for d in gw.drivers)
 
     received = 0
@@ -143,6 +185,13 @@ async def measure(
         "errors": errors,
         "overruns": overruns,
         "dropped": sum(s.dropped_batches for s in gw.bus.subscriptions),
+        "bare_loop_cpu_pct": baseline["cpu_pct_of_one_core"] if baseline else None,
+        "bare_loop_values_per_s": baseline["values_per_s"] if baseline else None,
+        "cpu_ratio_to_bare_loop": (
+            round((cpu1 - cpu0) / elapsed * 100 / baseline["cpu_pct_of_one_core"], 2)
+            if baseline
+            else None
+        ),
         "gc_collections": [g["collections"] - c for g, c in zip(gc.get_stats(), gcs0, strict=True)],
     }
 
@@ -155,6 +204,12 @@ def main() -> int:
     p.add_argument("--duration", type=float, default=30.0)
     p.add_argument("--warmup", type=float, default=5.0)
     p.add_argument("--port", type=int, default=BASE_PORT)
+    p.add_argument(
+        "--no-baseline",
+        dest="baseline",
+        action="store_false",
+        help="skip the bare pymodbus loop reference run",
+    )
     p.add_argument("--profile", action="store_true", help="cProfile the window to stderr")
     p.add_argument("--serve-sim", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
