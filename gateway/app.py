@@ -13,22 +13,60 @@ import logging
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import drivers
 from drivers.base import Describable, Driver
 from gateway.bus import Bus, Subscription
-from gateway.config import LoadedConfig
+from gateway.config import GatewayConfig, LoadedConfig
 from gateway.model import Reading, TagSpec
 from gateway.runner import RETRIABLE, DeviceRunner
+from gateway.sinks.base import Sink
 from gateway.status import DeviceStatus
 
-__all__ = ["Gateway", "Sink", "build_driver", "log_sink"]
+__all__ = ["FunctionSink", "Gateway", "build_driver", "build_sinks", "log_sink"]
 
 log = logging.getLogger("gateway")
 
-#: A sink consumes one subscription until it ends (the bus closed and the queue drained).
-Sink = Callable[[Subscription], Coroutine[Any, Any, None]]
+#: A consumer of one subscription, for tests and the log sink: runs until the queue ends.
+SinkFn = Callable[[Subscription], Coroutine[Any, Any, None]]
+
+
+class FunctionSink:
+    """Adapts a plain ``async def consume(sub)`` to the Sink protocol."""
+
+    def __init__(self, name: str, fn: SinkFn) -> None:
+        self.name = name
+        self._fn = fn
+
+    async def start(self) -> None:
+        pass
+
+    async def run(self, sub: Subscription) -> None:
+        await self._fn(sub)
+
+    async def close(self) -> None:
+        pass
+
+
+def build_sinks(gw: Gateway) -> list[Sink]:
+    """The sinks the config asks for. Imported lazily: asyncua alone takes seconds on a Pi."""
+    cfg = gw.config
+    sinks: list[Sink] = []
+    if cfg.opcua is not None:
+        from gateway.sinks.opcua import OpcUaSink  # noqa: PLC0415
+
+        sinks.append(OpcUaSink(gw, cfg.opcua))
+    if cfg.mqtt is not None:
+        from gateway.sinks.mqtt import MqttSink  # noqa: PLC0415
+
+        sinks.append(MqttSink(gw, cfg.mqtt))
+    if cfg.web is not None:
+        from gateway.sinks.web import WebSink  # noqa: PLC0415
+
+        sinks.append(WebSink(gw, cfg.web))
+    return sinks
 
 
 def build_driver(device: Any) -> Driver:
@@ -50,6 +88,7 @@ class Gateway:
     runners: list[DeviceRunner] = field(init=False, default_factory=list)
     statuses: dict[str, DeviceStatus] = field(init=False, default_factory=dict)
     started_at: float = field(init=False, default_factory=time.time)
+    health: dict[str, dict[str, object]] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         cfg = self.loaded.config
@@ -76,30 +115,68 @@ class Gateway:
     def tags(self) -> list[TagSpec]:
         return [t for d in self.drivers for t in d.tags]
 
+    @property
+    def config(self) -> GatewayConfig:
+        return self.loaded.config
+
+    @property
+    def data_dir(self) -> Path:
+        """State lives beside the config unless the config names an absolute path."""
+        path = Path(self.config.gateway.data_dir)
+        return path if path.is_absolute() else self.loaded.path.parent / path
+
     def log_plan(self) -> None:
         for driver in self.drivers:
             if isinstance(driver, Describable):
                 for line in driver.describe_plan():
                     log.info("plan %s", line)
 
-    async def run(self, stop: asyncio.Event, sinks: Sequence[tuple[str, Sink]] = ()) -> None:
+    async def run(
+        self, stop: asyncio.Event, sinks: Sequence[Sink | tuple[str, SinkFn]] = ()
+    ) -> None:
         """Run until ``stop`` is set. A device error never ends this; a bug does, loudly."""
+        started = [s if not isinstance(s, tuple) else FunctionSink(*s) for s in sinks]
         self.log_plan()
-        async with asyncio.TaskGroup() as tg:
-            for name, sink in sinks:
-                tg.create_task(sink(self.bus.subscribe(name)), name=f"sink[{name}]")
-            driver_tasks = [
-                tg.create_task(runner.run(stop), name=f"driver[{runner.driver.name}]")
-                for runner in self.runners
-            ]
+        try:
+            await self._start_sinks(started)
+            async with asyncio.TaskGroup() as tg:
+                for sink in started:
+                    tg.create_task(
+                        sink.run(self.bus.subscribe(sink.name)), name=f"sink[{sink.name}]"
+                    )
+                driver_tasks = [
+                    tg.create_task(runner.run(stop), name=f"driver[{runner.driver.name}]")
+                    for runner in self.runners
+                ]
 
-            async def close_bus_after_drivers() -> None:
-                if driver_tasks:
-                    await asyncio.wait(driver_tasks)
-                self.bus.close()
+                async def close_bus_after_drivers() -> None:
+                    if driver_tasks:
+                        await asyncio.wait(driver_tasks)
+                    self.bus.close()
 
-            tg.create_task(close_bus_after_drivers(), name="bus[close-after-drivers]")
+                tg.create_task(close_bus_after_drivers(), name="bus[close-after-drivers]")
+        finally:
+            # Reverse order of start; each close is idempotent and safe after a failed start.
+            for sink in reversed(started):
+                try:
+                    await sink.close()
+                except Exception:
+                    log.exception("closing sink %s failed", sink.name)
         log.info("gateway stopped")
+
+    @staticmethod
+    async def _start_sinks(sinks: Sequence[Sink]) -> None:
+        # Concurrently: the OPC UA server's start-up is slow on a Pi and must not delay MQTT.
+        t0 = time.monotonic()
+        async with asyncio.TaskGroup() as tg:
+            for sink in sinks:
+                tg.create_task(sink.start(), name=f"start[{sink.name}]")
+        if sinks:
+            log.info(
+                "sinks started in %.2f s: %s",
+                time.monotonic() - t0,
+                ", ".join(s.name for s in sinks),
+            )
 
     async def poll_once(self) -> list[tuple[TagSpec, Reading]]:
         """Connect, poll every group of every device once, close. For ``retrofit-gw once``."""

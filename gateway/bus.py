@@ -74,6 +74,9 @@ class Bus:
         self.published_values = 0
         self._subscribers: list[Subscription] = []
         self._closed = False
+        #: Bumped whenever a device's state or last error changes; see ``wait_status``.
+        self.status_version = 0
+        self._status_changed = asyncio.Event()
 
     def register(self, specs: Iterable[TagSpec], now: float) -> None:
         """Declare tags; until first read each is Bad/waiting_for_initial_data with no value."""
@@ -104,6 +107,18 @@ class Bus:
         self.published_values += len(batch)
         for sub in self._subscribers:
             sub.put(batch)
+
+    def notify_status(self) -> None:
+        """A device changed state. State, not events: waiters re-read the statuses."""
+        self.status_version += 1
+        event, self._status_changed = self._status_changed, asyncio.Event()
+        event.set()
+
+    async def wait_status(self, seen: int) -> int:
+        """Wait until ``status_version`` differs from ``seen``; return the new version."""
+        while self.status_version == seen:
+            await self._status_changed.wait()
+        return self.status_version
 
     def close(self) -> None:
         """Producers are done: subscribers drain what is queued, then their iteration ends."""

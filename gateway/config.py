@@ -35,6 +35,9 @@ __all__ = [
     "GatewayConfig",
     "GatewaySection",
     "LoadedConfig",
+    "MqttSection",
+    "OpcUaSection",
+    "WebSection",
     "format_issues",
     "json_schema",
     "load_config",
@@ -73,12 +76,84 @@ class BusSection(_Section):
 DeviceConfig = Annotated[ModbusTcpDevice, Field(discriminator="driver")]
 
 
+class MqttSection(_Section):
+    """Publish every reading to an MQTT broker as a Unified Namespace. Absent: no MQTT."""
+
+    host: str = Field(default="127.0.0.1", min_length=1, description="Broker host.")
+    port: int = Field(default=1883, ge=1, le=65535)
+    client_id: str | None = Field(default=None, description="Default: the gateway's name.")
+    username: str | None = None
+    password_env: str | None = Field(
+        default=None, description="Name of an environment variable that holds the password."
+    )
+    password_file: str | None = Field(
+        default=None, description="File holding the password, relative to this config file."
+    )
+    keepalive: int = Field(default=30, ge=5, le=3600, description="Seconds.")
+    topic_prefix: str = Field(
+        default="uns", min_length=1, description="First topic level, before site/area/line."
+    )
+    topic_shape: Literal["per_tag", "per_device"] = Field(
+        default="per_tag",
+        description="per_tag: one retained topic per tag; per_device: one message per poll "
+        "with every changed tag of the device (for high rates).",
+    )
+    qos_values: Literal[0, 1] = 0
+    qos_state: Literal[0, 1] = 1
+    retain_values: bool = True
+    heartbeat: float | None = Field(
+        default=None, gt=0, le=86_400, description="Republish unchanged values every N s."
+    )
+    queue_size: int = Field(
+        default=100_000,
+        ge=100,
+        le=10_000_000,
+        description="Messages held while the broker is unreachable; the oldest go first.",
+    )
+
+
+class OpcUaSection(_Section):
+    """Serve every tag as an OPC UA variable. Absent: no OPC UA server."""
+
+    host: str = Field(
+        default="127.0.0.1",
+        description="Address to listen on. 0.0.0.0 exposes the server to the network.",
+    )
+    port: int = Field(default=4840, ge=1, le=65535)
+    namespace_uri: str | None = Field(
+        default=None, description="Default: urn:retrofit-gateway:<gateway name>."
+    )
+    application_uri: str | None = Field(
+        default=None, description="Default: urn:retrofit-gateway:<hostname>:<gateway name>."
+    )
+    security: list[Literal["Basic256Sha256_Sign", "Basic256Sha256_SignAndEncrypt"]] = Field(
+        default=["Basic256Sha256_Sign", "Basic256Sha256_SignAndEncrypt"], min_length=1
+    )
+    allow_none: bool = Field(
+        default=False, description="Also offer the unencrypted None endpoint (demo only)."
+    )
+
+
+class WebSection(_Section):
+    """The local status page and JSON API. Absent: no web server."""
+
+    host: str = Field(
+        default="127.0.0.1",
+        description="Address to listen on. Anything but loopback exposes an unauthenticated "
+        "page, and a warning is logged at every start.",
+    )
+    port: int = Field(default=8080, ge=1, le=65535)
+
+
 class GatewayConfig(_Section):
     """The whole gateway config file."""
 
     version: Literal[1] = 1
     gateway: GatewaySection
     bus: BusSection = BusSection()
+    mqtt: MqttSection | None = None
+    opcua: OpcUaSection | None = None
+    web: WebSection | None = None
     devices: list[DeviceConfig] = Field(min_length=1)
 
 
@@ -686,6 +761,29 @@ def _cross_check(config: GatewayConfig, loader: _Loader, csv_failed: set[int]) -
     for field in ("name", "site", "area", "line"):
         if problem := _name_problem(f"gateway {field}", getattr(gw, field)):
             add(("gateway", field), problem)
+
+    if config.mqtt is not None:
+        for part in config.mqtt.topic_prefix.split("/"):
+            if problem := _name_problem("topic_prefix level", part):
+                add(("mqtt", "topic_prefix"), problem)
+        if config.mqtt.password_env and config.mqtt.password_file:
+            add(
+                ("mqtt", "password_file"),
+                "give the password in password_env or password_file, not both",
+            )
+        if (config.mqtt.password_env or config.mqtt.password_file) and not config.mqtt.username:
+            add(("mqtt", "username"), "a password needs a username")
+    servers: dict[tuple[str, int], Loc] = {}
+    for section in ("opcua", "web"):
+        sec = getattr(config, section)
+        if sec is None:
+            continue
+        if (sec.host, sec.port) in servers:
+            add(
+                (section, "port"),
+                f"{sec.host}:{sec.port} is already used by {servers[(sec.host, sec.port)][0]}",
+            )
+        servers[(sec.host, sec.port)] = (section, "port")
 
     device_names: dict[str, Loc] = {}
     tag_keys: dict[str, Loc] = {}

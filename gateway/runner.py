@@ -144,6 +144,7 @@ class DeviceRunner:
         if st.state is not DeviceState.ONLINE:
             st.state = DeviceState.ONLINE
             self._once.recovered()
+            self.bus.notify_status()
         self.backoff.reset()
         return readings
 
@@ -158,6 +159,7 @@ class DeviceRunner:
         st.last_error_ts = ts
         st.state = DeviceState.OFFLINE
         self._once.failed(message)
+        self.bus.notify_status()
         reason = _reason_of(exc)
         latest = self.bus.latest
         self.bus.publish(
@@ -189,6 +191,7 @@ class DeviceRunner:
                     await _sleep_or_stop(stop, self.backoff.next())
         finally:
             self.status.state = DeviceState.STOPPED
+            self.bus.notify_status()
             await self._close_quietly()
 
     async def _poll_schedule(self, stop: asyncio.Event, groups: Sequence[object]) -> bool:

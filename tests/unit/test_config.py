@@ -226,12 +226,12 @@ def test_unknown_key_suggests_the_close_match(tmp_path: Path) -> None:
 
 
 def test_unknown_top_level_section_is_rejected(tmp_path: Path) -> None:
-    path = write(tmp_path, MINIMAL + "mqtt: {host: broker}\n")
+    path = write(tmp_path, MINIMAL + "influxdb: {host: db}\n")
     issue = only(issues_of(path))
     assert (issue.line, issue.key, issue.message) == (
-        line_of(path, "mqtt:"),
+        line_of(path, "influxdb:"),
         "",
-        "unknown key 'mqtt'",
+        "unknown key 'influxdb'",
     )
 
 

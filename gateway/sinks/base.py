@@ -1,0 +1,65 @@
+"""The contract between the runtime and a sink.
+
+Lifecycle, driven by ``gateway.app.Gateway.run``:
+
+1. ``await sink.start()``: bind or begin connecting. Sinks start *before* any driver, so they
+   see the first value. A sink that raises here must leave nothing running behind it. A sink
+   whose peer is away (a broker down) must not raise: it reconnects in the background.
+2. ``await sink.run(sub)``: consume reading batches until ``sub`` ends. It ends when every
+   driver has stopped and the queue is drained, so what was read is still delivered.
+3. ``await sink.close()``: release everything; idempotent; runs even after a failed start.
+
+Device state (online/offline, counters) is not in the batches: sinks read
+``runtime.statuses`` and wait for changes with ``runtime.bus.wait_status(seen)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Protocol
+
+from gateway.bus import Bus, Subscription
+from gateway.config import GatewayConfig
+from gateway.model import TagSpec
+from gateway.status import DeviceStatus
+
+__all__ = ["RuntimeView", "Sink"]
+
+
+class RuntimeView(Protocol):
+    """What a sink may see of the runtime. Read-only by convention, except ``health``."""
+
+    @property
+    def config(self) -> GatewayConfig: ...
+
+    @property
+    def tags(self) -> Sequence[TagSpec]: ...
+
+    @property
+    def statuses(self) -> Mapping[str, DeviceStatus]: ...
+
+    @property
+    def bus(self) -> Bus: ...
+
+    @property
+    def started_at(self) -> float: ...
+
+    @property
+    def data_dir(self) -> Path: ...
+
+    #: Sink name -> its state for the status page and /metrics, e.g.
+    #: ``{"mqtt": {"connected": True, "queued": 0, "published": 1234, "dropped": 0}}``.
+    #: Each sink writes only its own entry; that is how sinks learn of each other.
+    @property
+    def health(self) -> dict[str, dict[str, object]]: ...
+
+
+class Sink(Protocol):
+    name: str
+
+    async def start(self) -> None: ...
+
+    async def run(self, sub: Subscription) -> None: ...
+
+    async def close(self) -> None: ...
