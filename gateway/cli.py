@@ -14,15 +14,18 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
+from typing import Any
 
 import gateway
 from drivers.base import Describable
 from drivers.modbus.simulator import serve
-from gateway.app import Gateway, log_sink
-from gateway.config import LoadedConfig, json_schema, load_config
-from gateway.errors import ConfigError
+from gateway.app import FunctionSink, Gateway, build_sinks, log_sink
+from gateway.config import LoadedConfig, MqttSection, json_schema, load_config
+from gateway.demo_broker import DemoBroker
+from gateway.errors import ConfigError, GatewayError
+from gateway.sinks.base import Sink
 
 __all__ = ["main"]
 
@@ -164,7 +167,22 @@ async def _run_gateway(loaded: LoadedConfig, stop: asyncio.Event) -> None:
         len(gw.tags),
         loaded.path,
     )
-    await gw.run(stop, sinks=[("log", log_sink)])
+    sinks: list[Sink] = build_sinks(gw)
+    if not sinks:
+        log.info("no mqtt/opcua/web section in the config: readings go to the log")
+        sinks = [FunctionSink("log", log_sink)]
+    await gw.run(stop, sinks)
+
+
+def _run_main(main: Callable[[], Coroutine[Any, Any, None]]) -> int:
+    """Run the event loop; an environment problem at start-up (a port in use) exits 1."""
+    try:
+        asyncio.run(main())
+    except* GatewayError as group:
+        for exc in group.exceptions:
+            print(f"retrofit-gw: {exc}", file=sys.stderr)
+        return EXIT_DEVICE
+    return EXIT_OK
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -180,8 +198,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         _install_signals(stop)
         await _run_gateway(loaded, stop)
 
-    asyncio.run(main())
-    return EXIT_OK
+    return _run_main(main)
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -200,38 +217,68 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
+def _with_broker(loaded: LoadedConfig, broker: str) -> LoadedConfig:
+    host, _, port = broker.rpartition(":")
+    if not host or not port.isdigit():
+        raise SystemExit(f"--broker wants HOST:PORT, not {broker!r}")
+    cfg = loaded.config
+    mqtt = (cfg.mqtt or MqttSection()).model_copy(update={"host": host, "port": int(port)})
+    return LoadedConfig(loaded.path, cfg.model_copy(update={"mqtt": mqtt}))
 
+
+def _demo_banner(loaded: LoadedConfig, embedded: bool) -> str:
+    cfg = loaded.config
+    g = cfg.gateway
+    lines = ["", "retrofit-gw demo: two simulated machines (lathe-1, mill-1) are being polled."]
+    if cfg.web:
+        lines.append(f"  status page   http://{cfg.web.host}:{cfg.web.port}/")
+    if cfg.opcua:
+        none = " (security None allowed: demo only)" if cfg.opcua.allow_none else ""
+        lines.append(f"  OPC UA        opc.tcp://{cfg.opcua.host}:{cfg.opcua.port}{none}")
+    if cfg.mqtt:
+        m = cfg.mqtt
+        kind = "embedded demo broker" if embedded else "broker"
+        prefix = f"{m.topic_prefix}/{g.site}/{g.area}/{g.line}"
+        lines.append(f"  MQTT          {m.host}:{m.port} ({kind}), topics {prefix}/#")
+        lines.append(f"  try           mosquitto_sub -h {m.host} -p {m.port} -t '{prefix}/#' -v")
+    lines.append("  Ctrl-C stops.")
+    return "\n".join(lines) + "\n"
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
     path = args.config or str(_demo_config())
     try:
         loaded = load_config(path)
     except ConfigError as err:
         _print_config_error(path, err)
         return EXIT_CONFIG
+    if args.broker:
+        loaded = _with_broker(loaded, args.broker)
+    embedded = loaded.config.mqtt is not None and not args.broker
 
     async def main() -> None:
         stop = asyncio.Event()
         _install_signals(stop)
+        if args.duration:
+            asyncio.get_running_loop().call_later(args.duration, stop.set)
         sim_stop = asyncio.Event()
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(serve("127.0.0.1", 5020, sim_stop), name="simulator")
-            # Give the simulator's listeners a moment so the first poll does not fail.
-            await asyncio.sleep(0.3)
-            print(
-                f"demo: simulated lathe-1 and mill-1 on 127.0.0.1:5020/5021; config {path}",
-                flush=True,
-            )
-            print("demo: readings are logged below; Ctrl-C stops", flush=True)
-            if args.duration:
-                loop = asyncio.get_running_loop()
-                loop.call_later(args.duration, stop.set)
-            try:
-                await _run_gateway(loaded, stop)
-            finally:
-                sim_stop.set()
+        async with contextlib.AsyncExitStack() as stack:
+            if embedded:
+                assert loaded.config.mqtt is not None
+                await stack.enter_async_context(
+                    DemoBroker(loaded.config.mqtt.host, loaded.config.mqtt.port)
+                )
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(serve("127.0.0.1", args.sim_port, sim_stop), name="simulator")
+                # Let the simulator's listeners come up so the first poll does not fail.
+                await asyncio.sleep(0.3)
+                print(_demo_banner(loaded, embedded), flush=True)
+                try:
+                    await _run_gateway(loaded, stop)
+                finally:
+                    sim_stop.set()
 
-    asyncio.run(main())
-    return EXIT_OK
+    return _run_main(main)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -268,6 +315,17 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo", help="simulator and gateway together, no hardware needed")
     s.add_argument("--config", help="config to run instead of config/demo.yaml")
     s.add_argument("--duration", type=float, default=0, help="stop after N seconds")
+    s.add_argument(
+        "--broker",
+        metavar="HOST:PORT",
+        help="publish to this MQTT broker instead of the embedded demo broker",
+    )
+    s.add_argument(
+        "--sim-port",
+        type=int,
+        default=5020,
+        help="simulator ports (lathe; the mill gets +1); must match the config",
+    )
     s.set_defaults(func=cmd_demo)
     return p
 
