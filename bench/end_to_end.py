@@ -57,7 +57,7 @@ def wait_port(port: int, timeout: float = 10.0) -> None:
 
 @contextlib.contextmanager
 def child(args: list[str], **kw: object) -> Iterator[subprocess.Popen[str]]:
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True, **kw)  # type: ignore[call-overload]  # noqa: S603
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True, **kw)  # type: ignore[call-overload]
     try:
         yield proc
     finally:

@@ -42,8 +42,7 @@ def main() -> None:
         if (
             not counting.is_set()
             or msg.retain
-            or "/$" in msg.topic
-            and "/$device/" not in msg.topic
+            or ("/$" in msg.topic and "/$device/" not in msg.topic)
         ):
             return
         body = json.loads(msg.payload)
