@@ -254,6 +254,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     if args.broker:
         loaded = _with_broker(loaded, args.broker)
+    if not args.config:
+        # The bundled config may sit in a read-only install dir: keep the demo's state
+        # (OPC UA certificates) in the working directory instead.
+        cfg = loaded.config
+        data = str(Path.cwd() / "retrofit-demo-data")
+        gw_section = cfg.gateway.model_copy(update={"data_dir": data})
+        loaded = LoadedConfig(loaded.path, cfg.model_copy(update={"gateway": gw_section}))
     embedded = loaded.config.mqtt is not None and not args.broker
 
     async def main() -> None:

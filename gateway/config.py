@@ -61,7 +61,9 @@ class GatewaySection(_Section):
     area: str = Field(min_length=1, description="ISA-95 area.")
     line: str = Field(min_length=1, description="ISA-95 line.")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
-    data_dir: str = Field(default="data", description="State directory, relative to the cwd.")
+    data_dir: str = Field(
+        default="data", description="State directory (certificates); relative to this file."
+    )
 
 
 class BusSection(_Section):
