@@ -37,26 +37,14 @@ def normalize(spec: TagSpec, sample: RawSample, ts: float, previous: Reading | N
     if spec.scale != 1.0 or spec.offset != 0.0:
         value = value * spec.scale + spec.offset
     if spec.minimum is not None and value < spec.minimum:
-        return Reading(
-            spec.key,
-            value,
-            Quality.UNCERTAIN,
-            ts,
-            Reason.OUT_OF_RANGE,
-            f"below min {spec.minimum:g}",
-            sample.raw,
-        )
-    if spec.maximum is not None and value > spec.maximum:
-        return Reading(
-            spec.key,
-            value,
-            Quality.UNCERTAIN,
-            ts,
-            Reason.OUT_OF_RANGE,
-            f"above max {spec.maximum:g}",
-            sample.raw,
-        )
-    return Reading(spec.key, value, Quality.GOOD, ts, raw=sample.raw)
+        out_of_range = f"below min {spec.minimum:g}"
+    elif spec.maximum is not None and value > spec.maximum:
+        out_of_range = f"above max {spec.maximum:g}"
+    else:
+        return Reading(spec.key, value, Quality.GOOD, ts, raw=sample.raw)
+    return Reading(
+        spec.key, value, Quality.UNCERTAIN, ts, Reason.OUT_OF_RANGE, out_of_range, sample.raw
+    )
 
 
 def bad(
