@@ -176,13 +176,14 @@ async def _run_gateway(loaded: LoadedConfig, stop: asyncio.Event) -> None:
 
 def _run_main(main: Callable[[], Coroutine[Any, Any, None]]) -> int:
     """Run the event loop; an environment problem at start-up (a port in use) exits 1."""
+    failed = False
     try:
         asyncio.run(main())
     except* GatewayError as group:
+        failed = True
         for exc in group.exceptions:
             print(f"retrofit-gw: {exc}", file=sys.stderr)
-        return EXIT_DEVICE
-    return EXIT_OK
+    return EXIT_DEVICE if failed else EXIT_OK
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -1,0 +1,1157 @@
+"""OPC UA server sink: every tag as a read-only variable, with units, ranges and quality.
+
+Address space, under our own namespace (``section.namespace_uri`` or
+``urn:retrofit-gateway:<gateway name>``, index ``ns``; NodeIds below are ``ns=<ns>;s=...``)::
+
+    Objects/<site>                   FolderType          s=#site
+      <machine>                      FolderType          s=<machine>
+        <device>                     BaseObjectType      s=<machine>/<device>
+          <tag>                      see below           s=<machine>/<device>/<tag>
+            0:EngineeringUnits       PropertyType        s=<machine>/<device>/<tag>#EngineeringUnits
+            0:EURange                PropertyType        s=<machine>/<device>/<tag>#EURange
+          online, error_count,       BaseDataVariable    s=<machine>/<device>#online ...
+          last_error, last_success
+
+NodeIds are strings made of the configured names, so a client's bookmarks survive restarts
+and config reorderings. The config forbids ``/``, ``#`` and ``+`` in names, so the ids cannot
+collide. A tag is an AnalogItemType when it has both ``min`` and ``max`` (they are its
+EURange), a BaseAnalogType when it only has a unit, otherwise a BaseDataVariableType. Should
+a tag share its name with a device diagnostic variable, the diagnostic's browse name gets a
+leading ``_`` (its NodeId is unaffected).
+
+DataType: bool/bit Boolean, int16 Int16, uint16 UInt16, int32 Int32, uint32 UInt32, int64
+Int64, uint64 UInt64, float32 Float, float64 Double, bcd16 UInt16, bcd32 UInt32, string
+String; any number with ``scale != 1`` or ``offset != 0`` is Double.
+
+StatusCode from the reading's quality and reason:
+
+=========  ========================  =================  ==================================
+quality    reason                    value served       StatusCode
+=========  ========================  =================  ==================================
+Good       -                         the value          Good
+Uncertain  out_of_range              the value          Uncertain_EngineeringUnitsExceeded
+Uncertain  stale                     last value         Uncertain_LastUsableValue
+Bad        waiting_for_initial_data  null               Bad_WaitingForInitialData
+Bad        no_communication/timeout  null (never read)  Bad_NoCommunication
+Bad        no_communication/timeout  last value kept    Bad_CommunicationError
+Bad        device_exception          last value/null    Bad_DeviceFailure
+Bad        decode_error              last value/null    Bad_ConfigurationError
+either     anything else             as read            Uncertain / Bad
+=========  ========================  =================  ==================================
+
+``device_exception`` (the device answered with a Modbus exception) and ``decode_error`` (the
+bytes do not decode as configured, NaN included) are not communication failures, so they get
+the closest specific codes instead of one from the communication family. ``stale`` is never in
+a batch: every few seconds the sink compares each Good variable with the bus and marks those
+not refreshed for ``STALE_INTERVALS`` intervals, as ``Bus.snapshot`` does.
+
+A Bad value keeps the last value, as the gateway's data model does everywhere: OPC UA Part 4
+§7.7.1 says the value should be null when the status is Bad, but a technician looking at a
+machine that just went offline wants the last number, and its SourceTimestamp says how old
+it is. asyncua's own ``write_attribute_value`` enforces the null, so this sink writes the
+attribute itself (see "fast path" below).
+
+SourceTimestamp is the reading's ``source_ts`` (poll completion). An update whose value and
+StatusCode equal what is served is not written at all, so SourceTimestamp is not bumped by
+an unchanged value, and subscribers see changes only. ServerTimestamp is the time the change
+was written.
+
+Engineering units follow UNECE Recommendation 20 (see ``UNITS``) with
+``UnitId`` computed from the common code as OPC 10000-8 §5.6.3.3 describes. An unknown unit
+text gets ``UnitId = -1``, our namespace URI, and the text as DisplayName.
+
+Security: the certificate and key are made on first start (RSA 2048, SHA-256, self-signed,
+ApplicationUri, host name, ``localhost``, 127.0.0.1 and the bound IP in the SAN) in
+``<data_dir>/pki/own`` and reused while valid. Endpoints: Basic256Sha256 Sign and/or
+SignAndEncrypt as configured, and None only with ``allow_none``. Anonymous login; any client
+certificate is accepted for now: pass a ``certificate_validator`` (asyncua's hook, e.g. its
+``CertificateValidator`` on a ``TrustStore``) to enforce a trust list.
+
+asyncua 2.1 accepts a session on a SecurityPolicy#None channel even when no None endpoint is
+offered (its channel starts as None and ``select_policy`` keeps it). ``_ChannelGuard``
+(a UserManager, consulted at every ActivateSession) refuses sessions without a client
+certificate unless ``allow_none``; discovery over None (GetEndpoints) still works, as it must.
+
+Fast path and the asyncua internals it uses (asyncua is pinned to 2.1.x):
+
+- Nodes are built as ``NodeData`` straight into the address space, about 4x faster than the
+  ``add_nodes`` service with identical nodes (a test holds them together): 10,000 tags take
+  seconds on a Pi either way, and ``start()`` is on the gateway's start-up path.
+- Values are written by setting the Value ``AttributeValue`` and awaiting its
+  ``datachange_callbacks`` (the monitored items), which is what
+  ``AddressSpace.write_attribute_value`` does minus the lookups, the type check (types are
+  fixed here at build time) and the null-on-Bad rule.
+- Each DataValue is a ``_DataValue``, whose deep copy is itself. asyncua deep-copies every
+  DataValue for every monitored item (37 us each), which alone would cost a third of a core at
+  10,000 values/s with one subscriber; this sink never mutates a DataValue it has written.
+- Active sessions are counted from ``InternalServer._external_sessions``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import socket
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Final
+
+from asyncua import Server, ua
+from asyncua.crypto.permission_rules import User, UserRole
+from asyncua.crypto.validator import CertificateValidatorMethod
+from asyncua.server.address_space import AddressSpace, AttributeValue, NodeData
+from asyncua.server.internal_server import InternalServer
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+import gateway
+from gateway.bus import STALE_INTERVALS, Subscription
+from gateway.config import OpcUaSection
+from gateway.model import Quality, Reading, Reason, TagKey, TagSpec
+from gateway.sinks.base import RuntimeView
+from gateway.status import DeviceState, DeviceStatus
+
+__all__ = ["UNITS", "UNITS_NAMESPACE", "OpcUaSink", "eu_information", "status_code", "unit_id"]
+
+log = logging.getLogger("gateway.sinks.opcua")
+
+#: How often device diagnostics and staleness are refreshed without a status change.
+STATUS_REFRESH_S: Final = 2.0
+#: Validity of a generated server certificate. It is renewed at start once expired.
+CERT_VALIDITY: Final = timedelta(days=5 * 365)
+UNITS_NAMESPACE: Final = "http://www.opcfoundation.org/UA/units/un/cefact"
+
+_SC = ua.StatusCodes
+
+
+# --- status codes ---------------------------------------------------------------------------------
+
+
+def _code(value: int) -> ua.StatusCode:
+    return ua.StatusCode(value)
+
+
+_GOOD: Final = _code(_SC.Good)
+_UNCERTAIN: Final = _code(_SC.Uncertain)
+_BAD: Final = _code(_SC.Bad)
+_WAITING: Final = _code(_SC.BadWaitingForInitialData)
+_STALE: Final = _code(_SC.UncertainLastUsableValue)
+
+
+def _build_codes() -> dict[tuple[Quality, Reason, bool], ua.StatusCode]:
+    """(quality, reason, has a value) -> the one shared StatusCode object for that case."""
+    codes: dict[tuple[Quality, Reason, bool], ua.StatusCode] = {}
+    for has_value in (False, True):
+        codes[(Quality.GOOD, Reason.NONE, has_value)] = _GOOD
+        codes[(Quality.UNCERTAIN, Reason.OUT_OF_RANGE, has_value)] = _code(
+            _SC.UncertainEngineeringUnitsExceeded
+        )
+        codes[(Quality.UNCERTAIN, Reason.STALE, has_value)] = _STALE
+        codes[(Quality.BAD, Reason.WAITING, has_value)] = _WAITING
+        lost = _code(_SC.BadCommunicationError if has_value else _SC.BadNoCommunication)
+        codes[(Quality.BAD, Reason.NO_COMMUNICATION, has_value)] = lost
+        codes[(Quality.BAD, Reason.TIMEOUT, has_value)] = lost
+        codes[(Quality.BAD, Reason.DEVICE_EXCEPTION, has_value)] = _code(_SC.BadDeviceFailure)
+        codes[(Quality.BAD, Reason.DECODE_ERROR, has_value)] = _code(_SC.BadConfigurationError)
+    return codes
+
+
+_CODES: Final = _build_codes()
+_FALLBACK: Final = {Quality.GOOD: _GOOD, Quality.UNCERTAIN: _UNCERTAIN, Quality.BAD: _BAD}
+
+
+def status_code(quality: Quality, reason: Reason, has_value: bool) -> ua.StatusCode:
+    """The StatusCode served for a reading (the table in the module docstring)."""
+    return _CODES.get((quality, reason, has_value)) or _FALLBACK[quality]
+
+
+# --- engineering units ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Unit:
+    code: str  # UNECE Rec 20 common code
+    symbol: str  # DisplayName
+    name: str  # Description
+
+
+#: Unit text as written in configs -> UNECE Rec 20 unit. Exact match: "mm" and "Mm" differ.
+#: Codes checked against the Rec 20 code list (RPM, CEL, MMT, H81, BAR, AMP, VLT, KWT, P1,
+#: C62, H87, HUR, SEC, 2X, L2 and the rest are its "common code" column).
+UNITS: Final[Mapping[str, Unit]] = {
+    alias: unit
+    for unit, aliases in (
+        (Unit("RPM", "r/min", "revolutions per minute"), ("rpm", "RPM", "r/min", "1/min")),
+        (Unit("RPS", "r/s", "revolutions per second"), ("r/s", "rps")),
+        (Unit("HTZ", "Hz", "hertz"), ("Hz", "hz")),
+        (Unit("KHZ", "kHz", "kilohertz"), ("kHz",)),
+        (Unit("CEL", "°C", "degree Celsius"), ("°C", "degC", "C", "℃")),
+        (Unit("FAH", "°F", "degree Fahrenheit"), ("°F", "degF", "F", "℉")),
+        (Unit("KEL", "K", "kelvin"), ("K",)),
+        (Unit("MMT", "mm", "millimetre"), ("mm",)),
+        (Unit("CMT", "cm", "centimetre"), ("cm",)),
+        (Unit("MTR", "m", "metre"), ("m",)),
+        (Unit("4H", "µm", "micrometre (micron)"), ("µm", "um", "μm")),
+        (Unit("MMK", "mm²", "square millimetre"), ("mm²", "mm2", "mm^2")),
+        (Unit("H81", "mm/min", "millimetre per minute"), ("mm/min",)),
+        (Unit("C16", "mm/s", "millimetre per second"), ("mm/s",)),
+        (Unit("2X", "m/min", "metre per minute"), ("m/min",)),
+        (Unit("MTS", "m/s", "metre per second"), ("m/s",)),
+        (Unit("DD", "°", "degree [unit of angle]"), ("°", "deg")),
+        (Unit("BAR", "bar", "bar [unit of pressure]"), ("bar",)),
+        (Unit("MBR", "mbar", "millibar"), ("mbar",)),
+        (Unit("PAL", "Pa", "pascal"), ("Pa",)),
+        (Unit("KPA", "kPa", "kilopascal"), ("kPa",)),
+        (Unit("MPA", "MPa", "megapascal"), ("MPa",)),
+        (Unit("PS", "psi", "pound-force per square inch"), ("psi",)),
+        (Unit("AMP", "A", "ampere"), ("A",)),
+        (Unit("4K", "mA", "milliampere"), ("mA",)),
+        (Unit("VLT", "V", "volt"), ("V",)),
+        (Unit("2Z", "mV", "millivolt"), ("mV",)),
+        (Unit("KVT", "kV", "kilovolt"), ("kV",)),
+        (Unit("WTT", "W", "watt"), ("W",)),
+        (Unit("KWT", "kW", "kilowatt"), ("kW", "kw")),
+        (Unit("KWH", "kW·h", "kilowatt hour"), ("kWh", "kW·h", "kW*h")),
+        (Unit("NEW", "N", "newton"), ("N",)),
+        (Unit("NU", "N·m", "newton metre"), ("Nm", "N·m", "N*m")),
+        (Unit("P1", "%", "percent"), ("%", "percent")),
+        (Unit("C62", "1", "one"), ("count", "counts", "1")),
+        (Unit("H87", "pce", "piece"), ("pcs", "pce", "parts", "pieces", "piece")),
+        (Unit("HUR", "h", "hour"), ("h", "hr")),
+        (Unit("MIN", "min", "minute [unit of time]"), ("min",)),
+        (Unit("SEC", "s", "second [unit of time]"), ("s", "sec")),
+        (Unit("C26", "ms", "millisecond"), ("ms",)),
+        (Unit("B98", "µs", "microsecond"), ("µs", "us", "μs")),
+        (Unit("LTR", "l", "litre"), ("l", "L")),
+        (Unit("L2", "l/min", "litre per minute"), ("l/min", "L/min")),
+        (Unit("MTQ", "m³", "cubic metre"), ("m³", "m3")),
+        (Unit("MQH", "m³/h", "cubic metre per hour"), ("m³/h", "m3/h")),
+        (Unit("KGM", "kg", "kilogram"), ("kg",)),
+        (Unit("GRM", "g", "gram"), ("g",)),
+    )
+    for alias in aliases
+}
+
+
+def unit_id(common_code: str) -> int:
+    """OPC 10000-8 §5.6.3.3: the common code's characters, shifted into an Int32."""
+    value = 0
+    for char in common_code[:4]:
+        value = (value << 8) | ord(char)
+    return value
+
+
+def eu_information(text: str, namespace_uri: str) -> ua.EUInformation:
+    """EUInformation for a configured unit text; unknown units keep their text, UnitId -1."""
+    unit = UNITS.get(text.strip())
+    if unit is None:
+        return ua.EUInformation(
+            NamespaceUri=namespace_uri,
+            UnitId=-1,
+            DisplayName=ua.LocalizedText(text),
+            Description=ua.LocalizedText(text),
+        )
+    return ua.EUInformation(
+        NamespaceUri=UNITS_NAMESPACE,
+        UnitId=unit_id(unit.code),
+        DisplayName=ua.LocalizedText(unit.symbol),
+        Description=ua.LocalizedText(unit.name),
+    )
+
+
+# --- data types -----------------------------------------------------------------------------------
+
+_VT = ua.VariantType
+_DATATYPES: Final[Mapping[str, ua.VariantType]] = {
+    "bool": _VT.Boolean,
+    "bit": _VT.Boolean,
+    "int16": _VT.Int16,
+    "uint16": _VT.UInt16,
+    "int32": _VT.Int32,
+    "uint32": _VT.UInt32,
+    "int64": _VT.Int64,
+    "uint64": _VT.UInt64,
+    "float32": _VT.Float,
+    "float64": _VT.Double,
+    "bcd16": _VT.UInt16,
+    "bcd32": _VT.UInt32,
+    "string": _VT.String,
+}
+_NON_NUMERIC: Final = frozenset({_VT.Boolean, _VT.String})
+
+
+def variant_type(spec: TagSpec) -> ua.VariantType:
+    """The tag's OPC UA type; scaled numbers are Double whatever their register type."""
+    try:
+        vtype = _DATATYPES[spec.datatype]
+    except KeyError:
+        raise ValueError(
+            f"tag {spec.key}: no OPC UA type for data type {spec.datatype!r}"
+        ) from None
+    if vtype not in _NON_NUMERIC and (spec.scale != 1.0 or spec.offset != 0.0):
+        return _VT.Double
+    return vtype
+
+
+# --- the hot path's pieces ------------------------------------------------------------------------
+
+
+class _DataValue(ua.DataValue):  # type: ignore[misc]  # asyncua is Any to mypy
+    """A DataValue that is never changed after it is written, so a deep copy is itself.
+
+    asyncua deep-copies the value for every monitored item on every change; for a DataValue
+    that nobody mutates that copy is pure cost.
+    """
+
+    __slots__ = ()
+
+    def __copy__(self) -> _DataValue:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _DataValue:
+        return self
+
+
+_NULL: Final = ua.Variant(None, _VT.Null)
+
+
+class _Var:
+    """One served tag: its Value attribute and what was last written to it."""
+
+    __slots__ = ("attr", "code", "interval", "key", "source_ts", "value", "vtype")
+
+    def __init__(self, key: TagKey, attr: AttributeValue, vtype: ua.VariantType, interval: float):
+        self.key = key
+        self.attr = attr
+        self.vtype = vtype
+        self.interval = interval
+        self.value: object = None
+        self.code: ua.StatusCode = _WAITING
+        self.source_ts = 0.0
+
+
+@dataclass(slots=True)
+class _DeviceVars:
+    """A device's diagnostic variables, and what they show now."""
+
+    name: str
+    online: AttributeValue
+    error_count: AttributeValue
+    last_error: AttributeValue
+    last_success: AttributeValue
+    shown: tuple[bool, int, str, float | None] | None = None
+
+
+_DIAGNOSTICS: Final = (
+    ("online", _VT.Boolean, "True while the device answers polls."),
+    ("error_count", _VT.UInt32, "Failed polls and bad tag reads since start-up."),
+    ("last_error", _VT.String, "The most recent error, or empty."),
+    ("last_success", _VT.DateTime, "When the device last answered a poll."),
+)
+
+
+async def _notify(attr: AttributeValue, dv: ua.DataValue) -> None:
+    """Tell the monitored items of ``attr``; one that fails must not stop the others."""
+    # A copy: a client may delete its monitored item while we await another one.
+    for handle, callback in list(attr.datachange_callbacks.items()):
+        try:
+            await callback(handle, dv)
+        except Exception:
+            log.exception("OPC UA monitored item %s failed on a value change", handle)
+
+
+# --- address space builder ------------------------------------------------------------------------
+
+_A = ua.AttributeIds
+
+
+def _dv(value: Any, vtype: ua.VariantType) -> ua.DataValue:
+    return ua.DataValue(ua.Variant(value, vtype))
+
+
+class _Builder:
+    """Adds nodes to an address space the way asyncua's ``add_nodes`` does, minus its checks.
+
+    ``add_nodes`` spends most of its 230 us per node re-deriving what is fixed here (type
+    names, parent lookups, timestamp-stamped attributes, a scan of the parent's properties).
+    """
+
+    def __init__(self, aspace: AddressSpace) -> None:
+        self._aspace = aspace
+        self._types: dict[int, ua.ReferenceDescription] = {}
+        self._read = _dv(ua.AccessLevel.CurrentRead.mask, _VT.Byte)
+        self._zero32 = _dv(0, _VT.UInt32)
+        self._scalar = _dv(ua.ValueRank.Scalar, _VT.Int32)
+        self._false = _dv(False, _VT.Boolean)
+        self._variable = _dv(ua.NodeClass.Variable, _VT.Int32)
+        self._object = _dv(ua.NodeClass.Object, _VT.Int32)
+        self._no_events = _dv(0, _VT.Byte)
+        self._no_dimensions = ua.DataValue(ua.Variant(None, _VT.UInt32, is_array=True))
+        self._datatypes: dict[int, ua.DataValue] = {}
+
+    def _type_ref(self, type_id: int) -> ua.ReferenceDescription:
+        """The HasTypeDefinition reference, described as asyncua describes it."""
+        template = self._types.get(type_id)
+        if template is None:
+            nodeid = ua.NodeId(type_id)
+            data = self._aspace[nodeid]
+            template = ua.ReferenceDescription(
+                ReferenceTypeId=ua.NodeId(ua.ObjectIds.HasTypeDefinition),
+                IsForward=True,
+                NodeId=nodeid,
+                BrowseName=_attr_value(data, _A.BrowseName),
+                DisplayName=_attr_value(data, _A.DisplayName),
+                NodeClass=_attr_value(data, _A.NodeClass),
+            )
+            self._types[type_id] = template
+        return ua.ReferenceDescription(
+            ReferenceTypeId=template.ReferenceTypeId,
+            IsForward=True,
+            NodeId=template.NodeId,
+            BrowseName=template.BrowseName,
+            DisplayName=template.DisplayName,
+            NodeClass=template.NodeClass,
+        )
+
+    def _link(
+        self,
+        node: NodeData,
+        node_class: ua.NodeClass,
+        parent: ua.NodeId,
+        reference: int,
+        type_id: int,
+        browse_name: ua.QualifiedName,
+        display_name: ua.LocalizedText,
+    ) -> None:
+        if node.nodeid in self._aspace:
+            raise ValueError(f"OPC UA node {node.nodeid.to_string()} is defined twice")
+        parent_data = self._aspace[parent]
+        ref_type = ua.NodeId(reference)
+        type_ref = self._type_ref(type_id)
+        parent_type = next(
+            (
+                r.NodeId
+                for r in parent_data.references
+                if r.IsForward and r.ReferenceTypeId.Identifier == ua.ObjectIds.HasTypeDefinition
+            ),
+            ua.NodeId(),
+        )
+        node.references = [
+            ua.ReferenceDescription(
+                ReferenceTypeId=ref_type,
+                IsForward=False,
+                NodeId=parent,
+                BrowseName=_attr_value(parent_data, _A.BrowseName),
+                DisplayName=_attr_value(parent_data, _A.DisplayName),
+                NodeClass=_attr_value(parent_data, _A.NodeClass),
+                TypeDefinition=parent_type,
+            ),
+            type_ref,
+        ]
+        parent_data.references.append(
+            ua.ReferenceDescription(
+                ReferenceTypeId=ref_type,
+                IsForward=True,
+                NodeId=node.nodeid,
+                BrowseName=browse_name,
+                DisplayName=display_name,
+                NodeClass=node_class,
+                TypeDefinition=type_ref.NodeId,
+            )
+        )
+        self._aspace[node.nodeid] = node
+
+    def add_object(
+        self,
+        nodeid: ua.NodeId,
+        parent: ua.NodeId,
+        reference: int,
+        type_id: int,
+        name: str,
+        description: str = "",
+    ) -> None:
+        browse = ua.QualifiedName(name, nodeid.NamespaceIndex)
+        display = ua.LocalizedText(name)
+        node = NodeData(nodeid)
+        node.attributes = {
+            _A.NodeId: AttributeValue(_dv(nodeid, _VT.NodeId)),
+            _A.BrowseName: AttributeValue(_dv(browse, _VT.QualifiedName)),
+            _A.NodeClass: AttributeValue(self._object),
+            _A.Description: AttributeValue(_dv(ua.LocalizedText(description), _VT.LocalizedText)),
+            _A.DisplayName: AttributeValue(_dv(display, _VT.LocalizedText)),
+            _A.EventNotifier: AttributeValue(self._no_events),
+            _A.UserWriteMask: AttributeValue(self._zero32),
+            _A.WriteMask: AttributeValue(self._zero32),
+        }
+        self._link(node, ua.NodeClass.Object, parent, reference, type_id, browse, display)
+
+    def add_variable(
+        self,
+        nodeid: ua.NodeId,
+        parent: ua.NodeId,
+        reference: int,
+        type_id: int,
+        browse: ua.QualifiedName,
+        datatype: int,
+        value: ua.DataValue,
+        description: str = "",
+        sampling_ms: float | None = None,
+    ) -> AttributeValue:
+        display = ua.LocalizedText(browse.Name)
+        datatype_dv = self._datatypes.get(datatype)
+        if datatype_dv is None:
+            datatype_dv = self._datatypes[datatype] = _dv(ua.NodeId(datatype), _VT.NodeId)
+        value_attr = AttributeValue(value)
+        node = NodeData(nodeid)
+        node.attributes = {
+            _A.NodeId: AttributeValue(_dv(nodeid, _VT.NodeId)),
+            _A.BrowseName: AttributeValue(_dv(browse, _VT.QualifiedName)),
+            _A.NodeClass: AttributeValue(self._variable),
+            _A.AccessLevel: AttributeValue(self._read),
+            _A.ArrayDimensions: AttributeValue(self._no_dimensions),
+            _A.DataType: AttributeValue(datatype_dv),
+            _A.Description: AttributeValue(_dv(ua.LocalizedText(description), _VT.LocalizedText)),
+            _A.DisplayName: AttributeValue(_dv(display, _VT.LocalizedText)),
+            _A.Historizing: AttributeValue(self._false),
+            _A.UserAccessLevel: AttributeValue(self._read),
+            _A.UserWriteMask: AttributeValue(self._zero32),
+            _A.ValueRank: AttributeValue(self._scalar),
+            _A.WriteMask: AttributeValue(self._zero32),
+            _A.Value: value_attr,
+        }
+        if sampling_ms is not None:
+            node.attributes[_A.MinimumSamplingInterval] = AttributeValue(
+                _dv(sampling_ms, _VT.Double)
+            )
+        self._link(node, ua.NodeClass.Variable, parent, reference, type_id, browse, display)
+        return value_attr
+
+
+def _attr_value(node: NodeData, attr: ua.AttributeIds) -> Any:
+    dv = node.attributes[attr].value
+    return dv.Value.Value if dv is not None and dv.Value is not None else None
+
+
+# --- the sink -------------------------------------------------------------------------------------
+
+
+class _ChannelGuard:
+    """An asyncua UserManager: refuses sessions on an unsecured channel unless allow_none.
+
+    ``certificate`` is the client's certificate from the secure channel; on a None channel it
+    is empty (asyncua passes ``b""``), on a Sign or SignAndEncrypt one it cannot be. A future trust list can refuse unknown certificates here too.
+    """
+
+    def __init__(self, allow_none: bool) -> None:
+        self.allow_none = allow_none
+
+    def get_user(
+        self,
+        iserver: InternalServer,
+        username: str | None = None,
+        password: str | None = None,
+        certificate: Any = None,
+    ) -> User | None:
+        if not certificate and not self.allow_none:
+            log.warning("OPC UA: refused a session on an unsecured channel (allow_none is off)")
+            return None
+        return User(role=UserRole.User)
+
+
+_POLICIES: Final[Mapping[str, ua.SecurityPolicyType]] = {
+    "Basic256Sha256_Sign": ua.SecurityPolicyType.Basic256Sha256_Sign,
+    "Basic256Sha256_SignAndEncrypt": ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt,
+}
+
+
+class OpcUaSink:
+    """Serves every tag over OPC UA. See the module docstring for the address space."""
+
+    name = "opcua"
+
+    def __init__(
+        self,
+        runtime: RuntimeView,
+        section: OpcUaSection,
+        *,
+        certificate_validator: CertificateValidatorMethod | None = None,
+    ) -> None:
+        self._rt = runtime
+        self._section = section
+        self._validator = certificate_validator
+        gw = runtime.config.gateway
+        self.namespace_uri = section.namespace_uri or f"urn:retrofit-gateway:{gw.name}"
+        self.application_uri = (
+            section.application_uri or f"urn:retrofit-gateway:{socket.gethostname()}:{gw.name}"
+        )
+        self.endpoint = f"opc.tcp://{_url_host(section.host)}:{section.port}"
+        self.pki_dir = runtime.data_dir / "pki" / "own"
+        self.cert_path = self.pki_dir / "server_cert.der"
+        self.key_path = self.pki_dir / "server_key.pem"
+        self.namespace_index = 0
+        self._server: Server | None = None
+        self._vars: dict[TagKey, _Var] = {}
+        self._devices: list[_DeviceVars] = []
+        self._updates = 0
+        self._t_start = 0.0
+        self._first_value_s: float | None = None
+        self.health: dict[str, object] = {
+            "endpoint": self.endpoint,
+            "sessions": 0,
+            "updates": 0,
+            "started_in_s": None,
+            "first_value_s": None,
+            "variables": 0,
+        }
+        runtime.health[self.name] = self.health
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._t_start = t0 = time.monotonic()
+        server = Server()
+        self._server = server
+        # Our own thread rather than the loop's default executor: asyncua would leave an idle
+        # pool thread behind for the life of the process; this one is joined before we return.
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="opcua-start")
+        loop = asyncio.get_running_loop()
+        try:
+            cert, key = await loop.run_in_executor(
+                pool,
+                load_or_create_certificate,
+                self.pki_dir,
+                self.application_uri,
+                self._section.host,
+                self._rt.config.gateway.name,
+            )
+            _fill_standard_nodes_in(server.iserver, pool)
+            gw = self._rt.config.gateway
+            server.name = f"retrofit-gateway {gw.name}"
+            server.product_uri = "urn:retrofit-gateway"
+            server.manufacturer_name = "retrofit-gateway"
+            t_init = time.monotonic()
+            await server.init()
+            init_s = time.monotonic() - t_init
+            await server.set_build_info(
+                server.product_uri,
+                server.manufacturer_name,
+                server.name,
+                gateway.__version__,
+                gateway.__version__,
+                datetime.now(UTC),
+            )
+            await server.set_application_uri(self.application_uri)
+            server.set_endpoint(self.endpoint)
+            server.iserver.certificate = cert
+            server.iserver.private_key = key
+            policies = [_POLICIES[p] for p in self._section.security]
+            if self._section.allow_none:
+                policies.append(ua.SecurityPolicyType.NoSecurity)
+            server.set_security_policy(policies)
+            server.set_identity_tokens([ua.AnonymousIdentityToken])
+            server.iserver.set_user_manager(_ChannelGuard(self._section.allow_none))
+            server.allow_remote_admin(False)
+            if self._validator is not None:
+                server.set_certificate_validator(self._validator)
+            self.namespace_index = await server.register_namespace(self.namespace_uri)
+            t_build = time.monotonic()
+            await self._build(server)
+            build_s = time.monotonic() - t_build
+            await self._apply(list(self._rt.bus.latest.values()))
+            await server.start()
+            await self._refresh()
+        except BaseException:
+            self._server = None
+            await _stop(server)
+            raise
+        finally:
+            # Waits only if start() was cancelled while the pool thread still works.
+            pool.shutdown(wait=True)
+        started = time.monotonic() - t0
+        self.health["started_in_s"] = round(started, 3)
+        self.health["variables"] = len(self._vars)
+        log.info(
+            "OPC UA server on %s started in %.2f s (asyncua init %.2f s, %d variables in %.2f s)"
+            "; namespace %s (ns=%d), application %s",
+            self.endpoint,
+            started,
+            init_s,
+            len(self._vars),
+            build_s,
+            self.namespace_uri,
+            self.namespace_index,
+            self.application_uri,
+        )
+        if self._section.allow_none:
+            log.warning("OPC UA: the unencrypted None endpoint is enabled (allow_none)")
+
+    async def run(self, sub: Subscription) -> None:
+        status = asyncio.create_task(self._status_loop(), name="opcua[status]")
+        try:
+            async for batch in sub:
+                await self._apply(batch)
+        finally:
+            status.cancel()
+            await _join_cancelled(status)
+            if self._server is not None:
+                await self._refresh()
+
+    async def close(self) -> None:
+        server, self._server = self._server, None
+        if server is not None:
+            await _stop(server)
+            log.info("OPC UA server on %s stopped", self.endpoint)
+        self.health["sessions"] = 0
+
+    # -- building ------------------------------------------------------------------------------
+
+    async def _build(self, server: Server) -> None:
+        ns = self.namespace_index
+        builder = _Builder(server.iserver.aspace)
+        gw = self._rt.config.gateway
+        site = ua.NodeId("#site", ns)
+        builder.add_object(
+            site,
+            ua.NodeId(ua.ObjectIds.ObjectsFolder),
+            ua.ObjectIds.Organizes,
+            ua.ObjectIds.FolderType,
+            gw.site,
+            f"ISA-95 site {gw.site}, area {gw.area}, line {gw.line}",
+        )
+        by_device: dict[str, list[TagSpec]] = {}
+        for spec in self._rt.tags:
+            by_device.setdefault(spec.device, []).append(spec)
+        machines: set[str] = set()
+        statuses = self._rt.statuses
+        for device, specs in by_device.items():
+            machine = specs[0].machine
+            if machine not in machines:
+                machines.add(machine)
+                builder.add_object(
+                    ua.NodeId(machine, ns),
+                    site,
+                    ua.ObjectIds.Organizes,
+                    ua.ObjectIds.FolderType,
+                    machine,
+                )
+            status = statuses.get(device)
+            about = f"{status.driver} device at {status.endpoint}" if status is not None else ""
+            device_id = ua.NodeId(f"{machine}/{device}", ns)
+            builder.add_object(
+                device_id,
+                ua.NodeId(machine, ns),
+                ua.ObjectIds.Organizes,
+                ua.ObjectIds.BaseObjectType,
+                device,
+                about,
+            )
+            for spec in specs:
+                self._add_tag(builder, device_id, spec)
+            self._devices.append(self._add_diagnostics(builder, device_id, device, specs))
+            # 10,000 tags take seconds on a Pi: let the other sinks start meanwhile.
+            await asyncio.sleep(0)
+
+    def _add_tag(self, builder: _Builder, device_id: ua.NodeId, spec: TagSpec) -> None:
+        ns = self.namespace_index
+        vtype = variant_type(spec)
+        numeric = vtype not in _NON_NUMERIC
+        has_range = numeric and spec.minimum is not None and spec.maximum is not None
+        unit = spec.unit if numeric and spec.unit else None
+        if has_range:
+            type_id = ua.ObjectIds.AnalogItemType
+        elif unit is not None:
+            type_id = ua.ObjectIds.BaseAnalogType
+        else:
+            type_id = ua.ObjectIds.BaseDataVariableType
+        nodeid = ua.NodeId(f"{device_id.Identifier}/{spec.name}", ns)
+        attr = builder.add_variable(
+            nodeid,
+            device_id,
+            ua.ObjectIds.HasComponent,
+            type_id,
+            ua.QualifiedName(spec.name, ns),
+            vtype.value,
+            _DataValue(_NULL, _WAITING, None, datetime.now(UTC)),
+            spec.description,
+            spec.interval * 1000.0,
+        )
+        if unit is not None:
+            builder.add_variable(
+                ua.NodeId(f"{nodeid.Identifier}#EngineeringUnits", ns),
+                nodeid,
+                ua.ObjectIds.HasProperty,
+                ua.ObjectIds.PropertyType,
+                ua.QualifiedName("EngineeringUnits", 0),
+                ua.ObjectIds.EUInformation,
+                _dv(eu_information(unit, self.namespace_uri), _VT.ExtensionObject),
+            )
+        if has_range:
+            assert spec.minimum is not None
+            assert spec.maximum is not None
+            builder.add_variable(
+                ua.NodeId(f"{nodeid.Identifier}#EURange", ns),
+                nodeid,
+                ua.ObjectIds.HasProperty,
+                ua.ObjectIds.PropertyType,
+                ua.QualifiedName("EURange", 0),
+                ua.ObjectIds.Range,
+                _dv(ua.Range(spec.minimum, spec.maximum), _VT.ExtensionObject),
+            )
+        self._vars[spec.key] = _Var(spec.key, attr, vtype, spec.interval)
+
+    def _add_diagnostics(
+        self, builder: _Builder, device_id: ua.NodeId, device: str, specs: Sequence[TagSpec]
+    ) -> _DeviceVars:
+        ns = self.namespace_index
+        taken = {s.name for s in specs}
+        attrs: list[AttributeValue] = []
+        now = datetime.now(UTC)
+        for name, vtype, about in _DIAGNOSTICS:
+            browse = name
+            while browse in taken:
+                browse = f"_{browse}"
+            attrs.append(
+                builder.add_variable(
+                    ua.NodeId(f"{device_id.Identifier}#{name}", ns),
+                    device_id,
+                    ua.ObjectIds.HasComponent,
+                    ua.ObjectIds.BaseDataVariableType,
+                    ua.QualifiedName(browse, ns),
+                    vtype.value,
+                    _DataValue(_NULL, _WAITING, None, now),
+                    about,
+                )
+            )
+        return _DeviceVars(device, *attrs)
+
+    # -- values --------------------------------------------------------------------------------
+
+    async def _apply(self, batch: Sequence[Reading]) -> None:
+        """Write the changed readings of one batch. Called for every batch: keep it lean."""
+        vars_ = self._vars
+        codes = _CODES
+        good_q = Quality.GOOD
+        good = _GOOD
+        variant = ua.Variant
+        datavalue = _DataValue
+        fromts = datetime.fromtimestamp
+        now = datetime.now(UTC)
+        written = 0
+        for reading in batch:
+            var = vars_.get(reading[0])
+            if var is None:
+                continue
+            value = reading[1]
+            quality = reading[2]
+            if quality is good_q:
+                code = good
+            else:
+                code = codes.get((quality, reading[4], value is not None)) or _FALLBACK[quality]
+            if code is var.code and value == var.value:
+                continue
+            ts = reading[3]
+            var.value = value
+            var.code = code
+            var.source_ts = ts
+            dv = datavalue(
+                _NULL if value is None else variant(value, var.vtype), code, fromts(ts, UTC), now
+            )
+            attr = var.attr
+            attr.value = dv
+            if attr.datachange_callbacks:
+                await _notify(attr, dv)
+            written += 1
+        if written:
+            self._updates += written
+            self.health["updates"] = self._updates
+            if self._first_value_s is None and self._t_start:
+                self._note_first_value()
+
+    def _note_first_value(self) -> None:
+        if not any(v.code is _GOOD for v in self._vars.values()):
+            return
+        self._first_value_s = time.monotonic() - self._t_start
+        self.health["first_value_s"] = round(self._first_value_s, 3)
+        log.info("OPC UA: first value served %.2f s after start began", self._first_value_s)
+
+    async def _mark_stale(self, now: float) -> None:
+        """Good values the bus has not refreshed for STALE_INTERVALS intervals -> Uncertain."""
+        latest = self._rt.bus.latest
+        server_ts = datetime.now(UTC)
+        for var in self._vars.values():
+            if var.code is not _GOOD:
+                continue
+            reading = latest.get(var.key)
+            if reading is None or now - reading.source_ts <= STALE_INTERVALS * var.interval:
+                continue
+            var.code = _STALE
+            dv = _DataValue(
+                ua.Variant(var.value, var.vtype),
+                _STALE,
+                datetime.fromtimestamp(var.source_ts, UTC),
+                server_ts,
+            )
+            var.attr.value = dv
+            if var.attr.datachange_callbacks:
+                await _notify(var.attr, dv)
+
+    # -- device status -------------------------------------------------------------------------
+
+    async def _status_loop(self) -> None:
+        bus = self._rt.bus
+        seen = bus.status_version
+        while True:
+            await self._refresh()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(STATUS_REFRESH_S):
+                    seen = await bus.wait_status(seen)
+
+    async def _refresh(self) -> None:
+        server = self._server
+        if server is None:
+            return
+        statuses = self._rt.statuses
+        now = datetime.now(UTC)
+        for dev in self._devices:
+            status = statuses.get(dev.name)
+            if status is not None:
+                await self._show_status(dev, status, now)
+        await self._mark_stale(time.time())
+        self.health["sessions"] = count_sessions(server.iserver)
+
+    async def _show_status(self, dev: _DeviceVars, status: DeviceStatus, now: datetime) -> None:
+        shown = (
+            status.state is DeviceState.ONLINE,
+            min(sum(status.errors.values()), 0xFFFFFFFF),
+            status.last_error,
+            status.last_success_ts,
+        )
+        previous = dev.shown
+        dev.shown = shown
+        success = None if shown[3] is None else datetime.fromtimestamp(shown[3], UTC)
+        values = (
+            (dev.online, ua.Variant(shown[0], _VT.Boolean)),
+            (dev.error_count, ua.Variant(shown[1], _VT.UInt32)),
+            (dev.last_error, ua.Variant(shown[2], _VT.String)),
+            (dev.last_success, ua.Variant(success, _VT.DateTime)),
+        )
+        for i, (attr, variant) in enumerate(values):
+            if previous is not None and previous[i] == shown[i]:
+                continue
+            dv = _DataValue(variant, _GOOD, now, now)
+            attr.value = dv
+            if attr.datachange_callbacks:
+                await _notify(attr, dv)
+
+
+# --- helpers --------------------------------------------------------------------------------------
+
+
+def _fill_standard_nodes_in(iserver: InternalServer, pool: ThreadPoolExecutor) -> None:
+    """Make ``iserver.init()`` build the standard address space (2 s) in ``pool``.
+
+    asyncua does it in ``asyncio.to_thread``, i.e. the loop's default executor. Same work,
+    same thread safety (nothing else touches this server yet), only the thread differs.
+    """
+
+    async def load(shelf_file: Path | None = None) -> None:
+        from asyncua.server.standard_address_space import (  # noqa: PLC0415 - 0.5 s import
+            standard_address_space,
+        )
+
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(
+            pool, standard_address_space.fill_address_space, iserver.node_mgt_service
+        )
+
+    iserver.load_standard_address_space = load
+
+
+def count_sessions(iserver: InternalServer) -> int:
+    """Activated client sessions (asyncua keeps them by authentication token)."""
+    return sum(1 for s in iserver._external_sessions.values() if s.is_activated())
+
+
+async def _stop(server: Server) -> None:
+    """Stop an asyncua server, started or not, and everything it left running."""
+    try:
+        await server.stop()
+    except Exception:
+        log.exception("stopping the OPC UA server failed")
+    iserver = server.iserver
+    # Closed connections end in tasks and, for sessions with subscriptions, in sessions kept
+    # for a reconnect (Part 4 §6.7) with their own timers: none may outlive the server.
+    for _ in range(3):
+        await asyncio.sleep(0)
+    if server.bserver is not None:
+        await server.bserver._close_tasks()
+    for session in list(iserver._external_sessions.values()):
+        with contextlib.suppress(Exception):
+            await session.close_session(True)
+    for sub in list(iserver.subscription_service.subscriptions.values()):
+        with contextlib.suppress(Exception):
+            await sub.stop()
+    iserver.subscription_service.subscriptions.clear()
+
+
+async def _join_cancelled(task: asyncio.Task[None]) -> None:
+    """Wait for a task we cancelled, without swallowing a cancellation of our own."""
+    try:
+        await task
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise
+    except Exception:
+        log.exception("OPC UA status task failed")
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+# --- certificate ----------------------------------------------------------------------------------
+
+
+def load_or_create_certificate(
+    own: Path, application_uri: str, host: str, gateway_name: str
+) -> tuple[x509.Certificate, rsa.RSAPrivateKey]:
+    """The server's certificate and key from ``own``, made there first if missing or unusable.
+
+    Regenerated when missing, unreadable, expired, not matching its key, or not naming the
+    ApplicationUri (clients reject it then anyway). Blocking: run it in a thread.
+    """
+    cert_path = own / "server_cert.der"
+    key_path = own / "server_key.pem"
+    problem = "missing"
+    if cert_path.exists() and key_path.exists():
+        try:
+            cert = x509.load_der_x509_certificate(cert_path.read_bytes())
+            key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        except (OSError, ValueError) as exc:
+            problem = f"unreadable ({exc})"
+        else:
+            problem = _certificate_problem(cert, key, application_uri)
+            if not problem:
+                assert isinstance(key, rsa.RSAPrivateKey)
+                return cert, key
+    if problem != "missing":
+        log.warning("OPC UA server certificate in %s is %s: making a new one", own, problem)
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    cert = _self_signed(key, application_uri, host, gateway_name)
+    own.mkdir(parents=True, exist_ok=True)
+    _write(
+        key_path,
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
+        0o600,
+    )
+    _write(cert_path, cert.public_bytes(serialization.Encoding.DER), 0o644)
+    log.info(
+        "OPC UA: made a server certificate for %s in %s (SHA-256 %s)",
+        application_uri,
+        cert_path,
+        cert.fingerprint(hashes.SHA256()).hex(),
+    )
+    return cert, key
+
+
+def _certificate_problem(cert: x509.Certificate, key: object, application_uri: str) -> str:
+    if not isinstance(key, rsa.RSAPrivateKey):
+        return "not for an RSA key"
+    if cert.public_key() != key.public_key():
+        return "not for the key beside it"
+    now = datetime.now(UTC)
+    if not cert.not_valid_before_utc <= now < cert.not_valid_after_utc:
+        return f"not valid now (valid until {cert.not_valid_after_utc:%Y-%m-%d})"
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return "without a subject alternative name"
+    if application_uri not in san.get_values_for_type(x509.UniformResourceIdentifier):
+        return f"not for {application_uri}"
+    return ""
+
+
+def _self_signed(
+    key: rsa.RSAPrivateKey, application_uri: str, host: str, gateway_name: str
+) -> x509.Certificate:
+    hostname = socket.gethostname()
+    names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(application_uri)]
+    names += [x509.DNSName(n) for n in dict.fromkeys([hostname, "localhost"]) if n]
+    addresses = [ipaddress.ip_address("127.0.0.1")]
+    try:
+        bound = ipaddress.ip_address(host)
+    except ValueError:
+        if host and host not in (hostname, "localhost"):
+            names.append(x509.DNSName(host))
+    else:
+        if not bound.is_unspecified and bound not in addresses:
+            addresses.append(bound)
+    names += [x509.IPAddress(a) for a in addresses]
+    subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.COMMON_NAME, f"retrofit-gateway {gateway_name}"[:64]),
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "retrofit-gateway"),
+        ]
+    )
+    now = datetime.now(UTC)
+    public = key.public_key()
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(public)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + CERT_VALIDITY)
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=True,
+                key_encipherment=True,
+                data_encipherment=True,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(public), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+
+
+def _write(path: Path, data: bytes, mode: int) -> None:
+    """Write atomically, with ``mode`` from the first byte (a key is never world-readable)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.write(fd, data)
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
