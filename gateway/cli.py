@@ -346,6 +346,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
     )
     logging.Formatter.converter = time.gmtime
+    if args.log_level != "debug":
+        # asyncua narrates every node it adds at INFO: thousands of lines at start-up.
+        logging.getLogger("asyncua").setLevel(logging.WARNING)
     with contextlib.suppress(KeyboardInterrupt):
         code: int = args.func(args)
         return code

@@ -5,6 +5,7 @@ One pure function, golden-tested, so every driver's values mean the same thing d
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -35,7 +36,12 @@ def normalize(spec: TagSpec, sample: RawSample, ts: float, previous: Reading | N
         # averages downstream.
         return bad(spec, previous, Reason.DECODE_ERROR, f"not a number ({value})", ts, sample.raw)
     if spec.scale != 1.0 or spec.offset != 0.0:
-        value = value * spec.scale + spec.offset
+        if isinstance(value, int):
+            # 603 * 0.1 is 60.300000000000004 in binary floating point. A register holds an
+            # integer, so the scale and offset fix the precision: show 60.3, as the manual does.
+            value = round(value * spec.scale + spec.offset, _decimals(spec.scale, spec.offset))
+        else:
+            value = value * spec.scale + spec.offset
     if spec.minimum is not None and value < spec.minimum:
         out_of_range = f"below min {spec.minimum:g}"
     elif spec.maximum is not None and value > spec.maximum:
@@ -45,6 +51,17 @@ def normalize(spec: TagSpec, sample: RawSample, ts: float, previous: Reading | N
     return Reading(
         spec.key, value, Quality.UNCERTAIN, ts, Reason.OUT_OF_RANGE, out_of_range, sample.raw
     )
+
+
+@functools.cache
+def _decimals(scale: float, offset: float) -> int:
+    """Decimal places an integer times ``scale`` plus ``offset`` can have (at most 12)."""
+
+    def places(x: float) -> int:
+        text = f"{x:.12f}".rstrip("0")
+        return len(text.partition(".")[2])
+
+    return max(places(scale), places(offset))
 
 
 def bad(

@@ -30,6 +30,13 @@ when its quality or reason changed, and every ``heartbeat`` seconds if configure
 disconnected (oldest first), and then the latest value of every tag, so that retained topics
 are current once the connection is back.
 
+While disconnected, or while the broker reads slower than we write, messages wait in a
+bounded queue (``queue_size`` messages; when full the oldest are dropped and counted). The
+health entry ``runtime.health["mqtt"]`` holds ``connected``, ``broker``, ``queued``,
+``published`` (written to the connection), ``dropped`` (pushed out of the full queue, or
+unwritten when a connection broke), ``reconnects`` and ``last_error``. A relative
+``password_file`` is read relative to the config file's directory, at every attempt.
+
 Why not paho's own loop: its ``loop_start()`` thread, its blocking ``connect()`` and its
 reconnect loop would each stall or race the event loop that polls the machines. Here paho
 is a protocol engine only: asyncio makes the TCP connection and watches the socket (the
@@ -38,7 +45,7 @@ jittered backoff as the device runners.
 
 Why raw packets: ``Client.publish()`` costs ~19 µs per message (a Condition object, a lock,
 a send() per packet). QoS 0 values are therefore encoded here from precomputed topic bytes
-and handed to paho's write queue as one buffer per poll, about 2-4 µs per message. QoS 1
+and handed to paho's write queue as one buffer per poll, about 1.5 µs per message. QoS 1
 messages (status, and values if ``qos_values: 1``) go through ``publish()`` as usual.
 """
 
@@ -87,8 +94,14 @@ CHUNK_BYTES = 64 * 1024
 MAX_PENDING_WRITES = 64
 #: The same for QoS 1 messages waiting for their PUBACK.
 MAX_PENDING_ACKS = 1000
+#: A connection that lasted this long was a good one: the retry backoff starts over. One
+#: that broke sooner keeps the backoff growing, so a flapping link (two gateways sharing a
+#: client id take the session from each other) settles at one attempt per backoff cap
+#: instead of a reconnect, a full republish and two log lines several times a second.
+STABLE_AFTER = 10.0
 
 _PUBLISH = 0x30
+_KEEPALIVE_TIMEOUT = 141  # MQTT 5 reason code; paho uses it for a missed PINGRESP
 _ONLINE = b'{"state":"online"}'
 _OFFLINE = b'{"state":"offline"}'
 _QUALITY = {Quality.GOOD: "good", Quality.UNCERTAIN: "uncertain", Quality.BAD: "bad"}
@@ -253,6 +266,7 @@ class MqttSink:
         self._ever_connected = False
         self._closed = False
         self._drain_scheduled = False
+        self._forcing = False
         self._once = OnceLogger(log, f"MQTT broker {self._broker}")
         self.published = 0
         self.dropped = 0
@@ -272,9 +286,11 @@ class MqttSink:
         self._build_topics()
         self._client = self._make_client()
         self._task = asyncio.create_task(self._maintain(), name="mqtt[connection]")
+        self._task.add_done_callback(self._crashed)
 
     async def run(self, sub: Subscription) -> None:
         watcher = asyncio.create_task(self._watch_status(), name="mqtt[status]")
+        watcher.add_done_callback(self._crashed)
         handle = self._on_batch_per_device if self._per_device else self._on_batch_per_tag
         try:
             while (batch := await sub.get()) is not None:
@@ -282,8 +298,7 @@ class MqttSink:
                 self._update_health()
         finally:
             watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watcher
+            await asyncio.wait([watcher])
         # Drivers have stopped: publish their final state, then what is still queued.
         self._sync_status()
         await self._flush(FLUSH_TIMEOUT)
@@ -296,8 +311,7 @@ class MqttSink:
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await asyncio.wait([task])
         client = self._client
         if client is not None and self._connected:
             info = client.publish(self._gateway_topic, _OFFLINE, self._qos_state, retain=True)
@@ -309,6 +323,14 @@ class MqttSink:
         self._hard_close()
         self._connected = False
         self._update_health()
+
+    def _crashed(self, task: asyncio.Task[None]) -> None:
+        """A bug in a background task must not leave MQTT silently dead: say so, loudly."""
+        if task.cancelled() or task.exception() is None:
+            return
+        self.last_error = f"internal error: {task.exception()!r}"
+        self._update_health()
+        log.error("MQTT: %s stopped by a bug", task.get_name(), exc_info=task.exception())
 
     # -- set-up --------------------------------------------------------------------------
 
@@ -382,7 +404,6 @@ class MqttSink:
                 self._hard_close()
                 await asyncio.sleep(self._backoff.next())
                 continue
-            self._backoff.reset()
             if self._ever_connected:
                 self.reconnects += 1
             else:
@@ -390,10 +411,19 @@ class MqttSink:
             self._ever_connected = True
             self._once.recovered()
             self._on_connected()
+            since = time.monotonic()
             await self._hold()
             self._connected = False
-            self._failed(f"connection lost: {self._lost_reason or 'closed'}")
-            self._update_health()
+            lasted = time.monotonic() - since
+            why = f"connection lost: {self._lost_reason or 'closed'}"
+            if lasted >= STABLE_AFTER:
+                self._backoff.reset()
+            elif lasted < 2.0:
+                why += (
+                    f" {lasted:.1f} s after connecting (is another client using the client"
+                    f" id {self._client_id!r}?)"
+                )
+            self._failed(why)
             await asyncio.sleep(self._backoff.next())
 
     async def _connect_once(self) -> None:
@@ -423,26 +453,31 @@ class MqttSink:
         try:
             ip = ipaddress.ip_address(host)
         except ValueError:
-            # A name: resolving it may block, so it runs in the loop's executor.
+            # A name: resolving may block, so asyncio runs it in its executor. Every address
+            # is tried in turn: "localhost" may resolve to ::1 first, with the broker on IPv4.
             infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-            if not infos:
-                raise OSError(f"cannot resolve {host}") from None
-            family, _, _, _, addr = infos[0]
+            targets = [(family, addr) for family, _, _, _, addr in infos]
         else:
-            family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
-            addr = (host, port)
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setblocking(False)
-            # Without it, Nagle holds small publishes back for the broker's delayed ACK:
-            # p99 latency grows by ~40 ms.
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            async with asyncio.timeout(CONNECT_TIMEOUT):
-                await loop.sock_connect(sock, addr)
-        except BaseException:
-            sock.close()
-            raise
-        return sock
+            targets = [(socket.AF_INET6 if ip.version == 6 else socket.AF_INET, (host, port))]
+        error: OSError = OSError(f"cannot resolve {host}")
+        for family, addr in targets:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                sock.setblocking(False)
+                # Without it, Nagle holds small publishes back for the broker's delayed
+                # ACK: p99 latency grows by ~40 ms.
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                async with asyncio.timeout(CONNECT_TIMEOUT):
+                    await loop.sock_connect(sock, addr)
+            except OSError as exc:  # TimeoutError included
+                sock.close()
+                error = exc
+                continue
+            except BaseException:
+                sock.close()
+                raise
+            return sock
+        raise error
 
     async def _hold(self) -> None:
         """Drive paho's keepalive until the connection is lost."""
@@ -504,6 +539,10 @@ class MqttSink:
         # At once, not when _maintain wakes up: a batch in between must be queued by us,
         # not left in paho's write queue, which the next reconnect() discards.
         self._connected = False
+        # What paho had not written yet is lost with the connection: count it honestly.
+        unsent = sum(p["mid"] for p in client._out_packet if p["info"] is self._info)
+        self.dropped += unsent
+        self.published -= unsent
         self._remove_fd()
         self._lost.set()
         connack = self._connack
@@ -540,8 +579,15 @@ class MqttSink:
     def _on_disconnect(
         self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any
     ) -> None:
-        if not self._lost_reason:
+        if self._lost_reason:
+            return
+        # paho reports every closed socket as "Unspecified error"; say what happened.
+        if getattr(reason, "value", None) == _KEEPALIVE_TIMEOUT:
+            self._lost_reason = "no answer to keepalive pings"
+        elif getattr(reason, "is_failure", False) and str(reason) != "Unspecified error":
             self._lost_reason = str(reason)
+        else:
+            self._lost_reason = "closed by the broker or the network"
 
     # -- value messages ------------------------------------------------------------------
 
@@ -580,6 +626,9 @@ class MqttSink:
         add = parts.append
         messages: list[tuple[str, bytes]] = []
         good = Quality.GOOD
+        # The readings of one poll share their timestamp: format it once.
+        last_ts = math.nan
+        tail = ""
         for key, value, quality, ts, reason, detail, _raw in batch:
             tag = tags.get(key)
             if tag is None and (tag := self._late_tag(key)) is None:
@@ -605,7 +654,9 @@ class MqttSink:
             tag.quality = quality
             tag.reason = reason
             tag.sent = now
-            tail = tails.get(ts) or self._tail(ts)
+            if ts != last_ts:
+                last_ts = ts
+                tail = (tails.get(ts) or self._tail(ts))[0]
             kind = type(value)
             if kind is int:
                 text = str(value)
@@ -614,11 +665,10 @@ class MqttSink:
             else:
                 text = value_json(value)
             if quality is good:
-                body = f'{{"value":{text}{tag.good}{tail[0]}'
+                body = f'{{"value":{text}{tag.good}{tail}'
             else:
                 body = (
-                    f'{{"value":{text}{tag.unit_q}{self._bad_part(quality, reason, detail)}'
-                    f"{tail[0]}"
+                    f'{{"value":{text}{tag.unit_q}{self._bad_part(quality, reason, detail)}{tail}'
                 )
             payload = body.encode()
             if raw:
@@ -643,8 +693,14 @@ class MqttSink:
         heartbeat = self._heartbeat
         now = time.monotonic()
         good = Quality.GOOD
-        # device -> ([items], newest source_ts)
-        groups: dict[str, tuple[list[str], list[float]]] = {}
+        # device -> [items]; a batch is one poll of one device, so the lookup is rare.
+        groups: dict[str, list[str]] = {}
+        newest: dict[str, float] = {}
+        device = ""
+        items: list[str] = []
+        top = 0.0  # newest source_ts of the current device
+        last_ts = math.nan
+        ms = ""
         for key, value, quality, ts, reason, detail, _raw in batch:
             tag = tags.get(key)
             if tag is None and (tag := self._late_tag(key)) is None:
@@ -670,7 +726,9 @@ class MqttSink:
             tag.quality = quality
             tag.reason = reason
             tag.sent = now
-            ms = (tails.get(ts) or self._tail(ts))[1]
+            if ts != last_ts:
+                last_ts = ts
+                ms = (tails.get(ts) or self._tail(ts))[1]
             kind = type(value)
             if kind is int:
                 text = str(value)
@@ -685,19 +743,22 @@ class MqttSink:
                     f'{tag.dev_head}{text},"quality":"{self._bad_part(quality, reason, detail)}'
                     f',"ts_ms":{ms}}}'
                 )
-            group = groups.get(tag.device)
-            if group is None:
-                groups[tag.device] = ([item], [ts])
-            else:
-                group[0].append(item)
-                group[1][0] = max(group[1][0], ts)
+            if tag.device != device:
+                if device:
+                    newest[device] = top
+                device = tag.device
+                items = groups.setdefault(device, [])
+                top = newest.get(device, ts)
+            items.append(item)
+            top = ts if ts > top else top
         if not groups:
             return
+        newest[device] = top
         parts: list[bytes] = []
         messages: list[tuple[str, bytes]] = []
-        for device, (items, newest) in groups.items():
+        for device, items in groups.items():
             body = (
-                f"{self._device_heads[device]}{round(newest[0] * 1000)}"
+                f"{self._device_heads[device]}{round(newest[device] * 1000)}"
                 f',"values":{{{",".join(items)}}}}}'
             )
             topic = self._device_topics[device]
@@ -715,6 +776,15 @@ class MqttSink:
         """Every tag's latest value, as if it had changed: after a (re)connect."""
         latest = self.runtime.bus.latest
         batch = [latest[key] for key in self._tags if key in latest]
+        # Straight to the connection even when paho is backlogged (just after a big drain):
+        # through our bounded queue, a large snapshot could push out its own beginning.
+        self._forcing = True
+        try:
+            self._publish_batches(batch)
+        finally:
+            self._forcing = False
+
+    def _publish_batches(self, batch: list[Reading]) -> None:
         if self._per_device:
             by_device: dict[str, list[Reading]] = {}
             for reading in batch:
@@ -722,7 +792,7 @@ class MqttSink:
             for readings in by_device.values():
                 self._on_batch_per_device(readings, everything=True)
         else:
-            step = 1000  # bounded buffers, see CHUNK_BYTES
+            step = 400  # buffers of about CHUNK_BYTES
             for i in range(0, len(batch), step):
                 self._on_batch_per_tag(batch[i : i + step], everything=True)
 
@@ -739,6 +809,8 @@ class MqttSink:
     def _can_send(self) -> bool:
         if not self._connected:
             return False
+        if self._forcing:
+            return True
         if self._queue:
             self._drain()
         return not self._queue and not self._backlogged()
@@ -752,7 +824,8 @@ class MqttSink:
         if self._can_send():
             client = self._client
             assert client is not None
-            client._packet_queue(_PUBLISH, b"".join(parts), 0, 0, self._info)
+            # The "mid" of our raw buffers is their message count (see _on_socket_close).
+            client._packet_queue(_PUBLISH, b"".join(parts), count, 0, self._info)
             self.published += count
             return
         if split:
@@ -793,7 +866,7 @@ class MqttSink:
                     assert isinstance(packet, bytes)
                     chunk.append(packet)
                     size += len(packet)
-                client._packet_queue(_PUBLISH, b"".join(chunk), 0, 0, self._info)
+                client._packet_queue(_PUBLISH, b"".join(chunk), len(chunk), 0, self._info)
                 self.published += len(chunk)
             else:
                 item = queue.popleft()

@@ -58,6 +58,11 @@ class Mosquitto:
             lines.append("user root")
         self.conf.write_text("\n".join(lines) + "\n")
 
+    def log_text(self) -> str:
+        """What mosquitto logged: "Client X disconnected." means a clean MQTT DISCONNECT,
+        "Client X closed its connection." a socket closed without one."""
+        return self.log.read_text(errors="replace")
+
     @property
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

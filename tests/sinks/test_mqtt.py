@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import math
+import signal
 import socket
 import subprocess
 import sys
@@ -27,7 +28,7 @@ from gateway.config import GatewayConfig, LoadedConfig
 from gateway.model import Quality, Reading, Reason
 from gateway.runner import Backoff
 from gateway.sinks.base import Sink
-from gateway.sinks.mqtt import MqttSink, value_json
+from gateway.sinks.mqtt import MAX_PENDING_WRITES, MqttSink, value_json
 from tests.conftest import free_port
 from tests.sinks.conftest import Message, Mosquitto, Watcher
 
@@ -159,8 +160,7 @@ def _decode_publishes(data: bytes) -> list[tuple[str, bytes, int]]:
         first = data[i]
         assert first & 0xF0 == 0x30
         i += 1
-        length = mult = 0
-        mult = 1
+        length, mult = 0, 1
         while True:
             byte = data[i]
             i += 1
@@ -238,8 +238,9 @@ def test_encoded_packets_are_valid_mqtt_and_json(tmp_path: Path) -> None:
 
 
 async def test_topics_payloads_and_retained_state_then_clean_shutdown(
-    tmp_path: Path, mosquitto: int
+    tmp_path: Path, mosquitto_broker: Mosquitto
 ) -> None:
+    mosquitto = mosquitto_broker.port
     dev_port = free_port()
     gw = Gateway(make_config(tmp_path, dev_port, {"port": mosquitto}))
     sink = fast_sink(gw)
@@ -299,6 +300,9 @@ async def test_topics_payloads_and_retained_state_then_clean_shutdown(
         assert w.latest(MACHINE_STATUS).json() == {"state": "offline"}  # type: ignore[union-attr]
     assert gw.health["mqtt"]["connected"] is False
     assert sink._fd is None
+    # A clean MQTT DISCONNECT, so the "offline" above is ours, not the Last Will.
+    assert "Client gw-test disconnected." in mosquitto_broker.log_text()
+    assert "Client gw-test closed its connection." not in mosquitto_broker.log_text()
     await sink.close()  # idempotent
 
 
@@ -345,6 +349,32 @@ async def test_heartbeat_republishes_unchanged_values(tmp_path: Path, mosquitto:
     # The first value, then ~5 heartbeats in a second; the schedule is loose, so ask for 3.
     assert speeds.count(1450) >= 4
     assert set(speeds) <= {None, 1450}
+
+
+async def test_qos1_values_without_retain(tmp_path: Path, mosquitto: int) -> None:
+    """The paho publish() path: values at QoS 1, not retained; states stay retained."""
+    dev_port = free_port()
+    mqtt = {"port": mosquitto, "qos_values": 1, "retain_values": False, "qos_state": 0}
+    gw = Gateway(make_config(tmp_path, dev_port, mqtt))
+    async with RegisterServer([Machine()], port=dev_port), running(gw, fast_sink(gw)):
+        async with Watcher(mosquitto, f"{BASE}/#") as live:
+            await live.wait(lambda: len(live.on(f"{LATHE}/count")) >= 3)
+            speed = live.latest(f"{LATHE}/speed")
+            assert speed is not None
+            assert speed.qos == 1
+            assert speed.json()["value"] == 1450
+        async with Watcher(mosquitto, f"{BASE}/#") as late:
+            await late.wait(lambda: late.latest(DEVICE_STATUS) and late.latest(GATEWAY_TOPIC))
+            await late.settle(0.1)
+            status = late.latest(DEVICE_STATUS)
+            assert status is not None
+            assert status.retain
+            assert status.qos == 0
+            assert not [
+                m
+                for m in late.messages
+                if m.topic.startswith(f"{LATHE}/") and m.retain and "$" not in m.topic
+            ]
 
 
 async def test_per_device_shape(tmp_path: Path, mosquitto: int) -> None:
@@ -469,6 +499,70 @@ async def test_broker_outage_never_stalls_polling_and_state_is_current_after(
     assert sum("recovered" in m for m in messages) == 1, messages
 
 
+async def test_stalled_broker_keeps_memory_bounded(
+    tmp_path: Path, mosquitto_broker: Mosquitto
+) -> None:
+    """A broker that stops reading (SIGSTOP) fills the socket, then paho's write queue (to a
+    bound), then our queue (dropping the oldest); once it reads again, everything drains."""
+    mqtt = {"port": mosquitto_broker.port, "queue_size": 100}
+    gw = Gateway(make_config(tmp_path, free_port(), mqtt))
+    sink = fast_sink(gw)
+    await sink.start()
+    proc = mosquitto_broker.proc
+    assert proc is not None
+    try:
+        await wait_for(lambda: sink._connected)
+        client = sink._client
+        assert client is not None
+        proc.send_signal(signal.SIGSTOP)
+        pad = "x" * 4000
+        most = 0
+        for i in range(6000):  # 24 MB: more than the kernel buffers of both ends hold
+            reading = Reading("lathe-1/model", f"{i:06d}{pad}", Quality.GOOD, time.time())
+            sink._on_batch_per_tag([reading])
+            most = max(most, len(client._out_packet))
+            if i % 20 == 0:
+                await asyncio.sleep(0)
+        # Connected all along: the queue filled because paho's write queue was at its bound.
+        assert sink._connected
+        assert MAX_PENDING_WRITES <= most <= MAX_PENDING_WRITES + 1
+        assert len(sink._queue) == 100
+        assert sink.dropped > 0
+        proc.send_signal(signal.SIGCONT)
+        await wait_for(lambda: not sink._queue and not client.want_write(), 10)
+        assert sink.reconnects == 0
+        async with Watcher(mosquitto_broker.port, f"{LATHE}/model") as w:
+            await w.wait(lambda: w.latest(f"{LATHE}/model"))
+            assert w.latest(f"{LATHE}/model").json()["value"] == f"{5999:06d}{pad}"  # type: ignore[union-attr]
+    finally:
+        proc.send_signal(signal.SIGCONT)
+        await sink.close()
+
+
+async def test_two_gateways_sharing_a_client_id_do_not_flap_fast(
+    tmp_path: Path, mosquitto: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The broker hands the session to whoever connected last: without damping, the two
+    would take it from each other several times a second, forever."""
+    caplog.set_level(logging.WARNING, logger="gateway.sinks.mqtt")
+    sinks = []
+    for _ in range(2):
+        gw = Gateway(make_config(tmp_path, free_port(), {"port": mosquitto}))
+        assert gw.config.mqtt is not None
+        sinks.append(MqttSink(gw, gw.config.mqtt, backoff=Backoff(base=0.2, cap=5.0)))
+    try:
+        for sink in sinks:
+            await sink.start()
+        await asyncio.sleep(2.5)
+        # Undamped: ~16 in all. Damped: at most 4 each, as 0.1+0.2+0.4+0.8+1.6 s > 2.5 s.
+        assert sum(s.reconnects for s in sinks) <= 8, [s.reconnects for s in sinks]
+        assert any(s.reconnects >= 1 for s in sinks)
+        assert "is another client using the client id 'gw-test'?" in caplog.text
+    finally:
+        for sink in sinks:
+            await sink.close()
+
+
 async def test_broker_down_at_start_does_not_block(tmp_path: Path) -> None:
     broker = Mosquitto(tmp_path / "mosquitto", free_port())
     gw = Gateway(make_config(tmp_path, free_port(), {"port": broker.port}))
@@ -490,50 +584,79 @@ async def test_broker_down_at_start_does_not_block(tmp_path: Path) -> None:
         broker.stop()
 
 
-GATEWAY_SCRIPT = """
-import asyncio, sys
-from gateway.app import Gateway, build_sinks
-from gateway.config import load_config
-
-async def main():
-    gw = Gateway(load_config(sys.argv[1]))
-    await gw.run(asyncio.Event(), sinks=build_sinks(gw))
-
-asyncio.run(main())
-"""
+def log_tail(path: Path) -> str:
+    return path.read_text(errors="replace")[-3000:]
 
 
-async def test_killed_gateway_leaves_offline_will(tmp_path: Path, mosquitto: int) -> None:
-    dev_port = free_port()
-    loaded = make_config(tmp_path, dev_port, {"port": mosquitto, "keepalive": 5})
-    async with RegisterServer([Machine()], port=dev_port), Watcher(mosquitto, f"{BASE}/#") as w:
+async def _start_gateway_process(
+    loaded: LoadedConfig, w: Watcher, log_path: Path
+) -> subprocess.Popen[bytes]:
+    """``retrofit-gw run`` in a subprocess; returns once its values are on the broker."""
+    with log_path.open("wb") as log_file:
         # Not asyncio's subprocess: in 3.11 it watches the child from a thread, and the
         # suite fails any test that leaves a thread behind.
         proc = subprocess.Popen(  # noqa: ASYNC220
-            [sys.executable, "-c", GATEWAY_SCRIPT, str(loaded.path)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            [sys.executable, "-m", "gateway", "run", str(loaded.path)],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
         )
+    try:
+        await w.wait(
+            lambda: (
+                proc.poll() is not None
+                or (
+                    (m := w.latest(GATEWAY_TOPIC)) is not None
+                    and m.json()["state"] == "online"
+                    and (s := w.latest(DEVICE_STATUS)) is not None
+                    and s.json()["state"] == "online"
+                )
+            ),
+            20,
+        )
+        assert proc.poll() is None, log_tail(log_path)
+    except BaseException:
+        proc.kill()
+        proc.wait(5)
+        raise
+    return proc
+
+
+async def test_gateway_process_says_offline_on_sigterm_and_by_will_on_kill(
+    tmp_path: Path, mosquitto_broker: Mosquitto
+) -> None:
+    mosquitto = mosquitto_broker.port
+    dev_port = free_port()
+    loaded = make_config(tmp_path, dev_port, {"port": mosquitto, "keepalive": 5})
+    async with RegisterServer([Machine()], port=dev_port), Watcher(mosquitto, f"{BASE}/#") as w:
+        # SIGTERM: a clean stop publishes the final device state and "offline" itself.
+        proc = await _start_gateway_process(loaded, w, tmp_path / "run1.log")
         try:
-            try:
-                await w.wait(lambda: w.latest(f"{LATHE}/speed") or proc.poll() is not None, 20)
-                assert proc.poll() is None
-            except AssertionError:
-                proc.kill()
-                raise AssertionError(proc.communicate(timeout=5)[1].decode()[-3000:]) from None
-            assert w.latest(GATEWAY_TOPIC).json() == {"state": "online"}  # type: ignore[union-attr]
-            proc.kill()  # SIGKILL: no chance to say goodbye
-            proc.wait(5)
+            proc.terminate()
+            for _ in range(500):
+                if proc.poll() is not None:
+                    break
+                await asyncio.sleep(0.02)
+            assert proc.returncode == 0, log_tail(tmp_path / "run1.log")
             await w.wait(lambda: w.latest(GATEWAY_TOPIC).json()["state"] == "offline")  # type: ignore[union-attr]
-            will = w.latest(GATEWAY_TOPIC)
+            assert w.latest(DEVICE_STATUS).json()["state"] == "stopped"  # type: ignore[union-attr]
+            assert "Client gw-test disconnected." in mosquitto_broker.log_text()
         finally:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(5)
-            if proc.stderr:
-                proc.stderr.close()
-    assert will is not None
-    assert will.json() == {"state": "offline"}
+        # SIGKILL: no chance to say goodbye; the broker publishes the Last Will instead.
+        proc = await _start_gateway_process(loaded, w, tmp_path / "run2.log")
+        try:
+            proc.kill()
+            proc.wait(5)
+            await w.wait(lambda: w.latest(GATEWAY_TOPIC).json()["state"] == "offline")  # type: ignore[union-attr]
+            # Nobody said "stopped": the device status is as the gateway last saw it.
+            assert w.latest(DEVICE_STATUS).json()["state"] == "online"  # type: ignore[union-attr]
+            assert "Client gw-test closed its connection." in mosquitto_broker.log_text()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(5)
     async with Watcher(mosquitto, GATEWAY_TOPIC) as late:
         await late.wait(lambda: late.latest(GATEWAY_TOPIC))
         msg = late.latest(GATEWAY_TOPIC)

@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from drivers.modbus.transport import RegisterServer
 from gateway.app import Gateway
 from gateway.bus import Subscription
 from gateway.config import GatewayConfig, LoadedConfig
-from gateway.model import Quality, Reason
+from gateway.model import Quality, Reading, Reason
 from gateway.sinks.opcua import (
     UNITS_NAMESPACE,
     OpcUaSink,
@@ -72,7 +73,7 @@ class Machine(RegisterMapDevice):
 
 
 #: (name, tag config, expected DataType)
-TAGS: list[tuple[str, dict[str, Any], VT]] = [
+TAGS: list[tuple[str, dict[str, Any], Any]] = [
     ("count", {"address": 0, "type": "uint16", "description": "Reads so far"}, VT.UInt16),
     (
         "speed",
@@ -319,7 +320,11 @@ async def test_tree_types_units_ranges_and_good_values(tmp_path: Path) -> None:
             dv = await children["speed"].read_data_value()
             first = rec.readings["lathe-1/speed"][0][1]
             assert to_ts(dv.SourceTimestamp) == pytest.approx(first, abs=1e-5)
-            assert sink.health["sessions"] == 1 or await _sessions_soon(sink, 1)
+            gw.bus.notify_status()  # sessions are counted with each status refresh
+            await wait_for(lambda: sink.health["sessions"] == 1)
+            server = sink._server
+            assert server is not None
+            assert count_sessions(server.iserver) == 1
         health = gw.health["opcua"]
         assert health["endpoint"] == f"opc.tcp://127.0.0.1:{port}"
         assert isinstance(health["updates"], int)
@@ -327,45 +332,139 @@ async def test_tree_types_units_ranges_and_good_values(tmp_path: Path) -> None:
         assert isinstance(health["started_in_s"], float)
 
 
-async def _sessions_soon(sink: OpcUaSink, n: int) -> bool:
-    server = sink._server
-    assert server is not None
-    await wait_for(lambda: count_sessions(server.iserver) == n)
-    return True
+@asynccontextmanager
+async def watching(
+    sink: OpcUaSink, ident: str, handler: Any, deadband: float | None = None
+) -> AsyncIterator[None]:
+    """A client of its own subscribed to one variable (two subscriptions on one asyncua client
+    race: the first notification of the second one can arrive before the client knows it)."""
+    async with Client(sink.endpoint) as client:
+        sub = await client.create_subscription(20, handler)
+        node = client.get_node(nid(sink, ident))
+        if deadband is None:
+            await sub.subscribe_data_change(node)
+        else:
+            await sub.deadband_monitor(node, deadband)
+        yield
+        await sub.delete()
+
+
+class Changes:
+    """A subscription handler that keeps (value, SourceTimestamp, StatusCode) of each change."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[Any, float, int]] = []
+
+    def datachange_notification(self, node: Any, val: Any, data: Any) -> None:
+        dv = data.monitored_item.Value
+        ts = to_ts(dv.SourceTimestamp) if dv.SourceTimestamp else 0.0
+        self.seen.append((dv.Value.Value, ts, dv.StatusCode.value))
+
+    def good(self) -> list[tuple[Any, float]]:
+        return [(v, ts) for v, ts, code in self.seen if code == SC.Good]
 
 
 async def test_subscription_receives_every_change(tmp_path: Path) -> None:
     dev, modbus_port, port = Machine(), free_port(), free_port()
     rec = Recorder()
-    received: list[tuple[Any, float, bool]] = []
-
-    class Handler:
-        def datachange_notification(self, node: Any, val: Any, data: Any) -> None:
-            dv = data.monitored_item.Value
-            received.append((dv.Value.Value, to_ts(dv.SourceTimestamp), dv.StatusCode.is_good()))
+    # Items without a filter take the sink's own notification path, items with one asyncua's.
+    plain, filtered = Changes(), Changes()
 
     def good_since(first: float) -> list[tuple[Any, float]]:
-        return [
-            (v, ts) for v, ts, q in rec.readings["m/count"] if q is Quality.GOOD and ts >= first
-        ]
+        readings = rec.readings["m/count"]
+        return [(v, ts) for v, ts, q in readings if q is Quality.GOOD and ts >= first]
 
     async with (
         RegisterServer([dev], port=modbus_port),
         running(make_config(tmp_path, port, {"m": modbus_port}), rec) as (_, sink),
-        Client(sink.endpoint) as client,
+        watching(sink, "m/m-plc/count", plain),
+        watching(sink, "m/m-plc/count", filtered, deadband=0.0),
     ):
-        sub = await client.create_subscription(20, Handler())
-        await sub.subscribe_data_change(client.get_node(nid(sink, "m/m-plc/count")))
-        await wait_for(lambda: received)
-        first = received[0][1]
+        await wait_for(lambda: plain.good() and filtered.good())
+        # Less a microsecond: SourceTimestamp is the float rounded to 100 ns.
+        first = max(plain.good()[0][1], filtered.good()[0][1]) - 1e-5
         # Every poll changes the counter: watch ten of them.
         await wait_for(lambda: len(good_since(first)) >= 10)
         expected = good_since(first)
-        await wait_for(lambda: sum(good for *_, good in received) >= len(expected))
-        got = [(v, ts) for v, ts, good in received if good][: len(expected)]
-        assert [v for v, _ in got] == [v for v, _ in expected]
-        assert [ts for _, ts in got] == pytest.approx([ts for _, ts in expected], abs=1e-5)
-        await sub.delete()
+        for handler in (plain, filtered):
+            await wait_for(partial(lambda h: len(h.good()) >= len(expected), handler))
+            got = [(v, ts) for v, ts in handler.good() if ts >= first][: len(expected)]
+            assert [v for v, _ in got] == [v for v, _ in expected]
+            assert [ts for _, ts in got] == pytest.approx([ts for _, ts in expected], abs=1e-5)
+
+
+async def test_quality_codes_reach_subscribers(tmp_path: Path) -> None:
+    """Readings published on the bus, as the runner would, arrive with the mapped codes."""
+    loaded = make_config(tmp_path, free_port(), {"m": free_port()})
+    gw = Gateway(loaded)
+    assert loaded.config.opcua is not None
+    sink = OpcUaSink(gw, loaded.config.opcua)
+    await sink.start()
+    run = asyncio.create_task(sink.run(gw.bus.subscribe("opcua")), name="opcua-run")
+    try:
+        changes, banded = Changes(), Changes()
+        async with (
+            watching(sink, "m/m-plc/speed", changes),
+            watching(sink, "m/m-plc/speed", banded, deadband=50.0),
+        ):
+            # The initial BadWaitingForInitialData
+            await wait_for(lambda: changes.seen and banded.seen)
+            now = time.time()
+            key = "m/speed"
+            steps = [
+                Reading(key, 100, Quality.GOOD, now),
+                Reading(key, 100, Quality.GOOD, now + 0.1),  # unchanged: not sent
+                Reading(key, 130, Quality.GOOD, now + 0.2),  # within the deadband of 100
+                Reading(key, 160, Quality.GOOD, now + 0.3),  # 60 from the last one reported
+                Reading(key, 5000, Quality.UNCERTAIN, now + 0.4, Reason.OUT_OF_RANGE),
+                Reading(key, 5000, Quality.BAD, now + 0.4, Reason.DEVICE_EXCEPTION),
+                Reading(key, 5000, Quality.BAD, now + 0.4, Reason.DECODE_ERROR),
+                # Read a while ago and never refreshed: soon stale.
+                Reading(key, 4990, Quality.GOOD, now - 10),
+            ]
+            for reading in steps:
+                gw.bus.publish([reading])
+                await asyncio.sleep(0.05)
+            gw.bus.notify_status()  # the staleness check runs with the status refresh
+            await wait_for(lambda: len(changes.seen) >= 9 and len(banded.seen) >= 8)
+            everything = [
+                (None, 0.0, SC.BadWaitingForInitialData),
+                (100, pytest.approx(now), SC.Good),
+                (130, pytest.approx(now + 0.2), SC.Good),
+                (160, pytest.approx(now + 0.3), SC.Good),
+                (5000, pytest.approx(now + 0.4), SC.UncertainEngineeringUnitsExceeded),
+                (5000, pytest.approx(now + 0.4), SC.BadDeviceFailure),
+                (5000, pytest.approx(now + 0.4), SC.BadConfigurationError),
+                # A status change is reported whatever the deadband.
+                (4990, pytest.approx(now - 10), SC.Good),
+                (4990, pytest.approx(now - 10), SC.UncertainLastUsableValue),
+            ]
+            assert changes.seen == everything
+            assert banded.seen == everything[:2] + everything[3:]
+
+        # A value that does not fit the variable's type is refused, not served.
+        gw.bus.publish(
+            [
+                Reading("m/load", "oops", Quality.GOOD, now),  # load is UInt16
+                Reading("m/total", -1, Quality.GOOD, now),  # total is UInt32
+                Reading("m/temp", 21, Quality.GOOD, now),  # an int for a Double is fine
+            ]
+        )
+        await asyncio.sleep(0.05)
+        async with Client(sink.endpoint) as client:
+            for ident in ("m/m-plc/load", "m/m-plc/total"):
+                dv = await read(client, sink, ident)
+                assert (dv.StatusCode.value, dv.Value.Value) == (SC.BadConfigurationError, None)
+            dv = await read(client, sink, "m/m-plc/temp")
+            assert (dv.StatusCode.value, dv.Value.Value, dv.Value.VariantType) == (
+                SC.Good,
+                21.0,
+                VT.Double,
+            )
+    finally:
+        gw.bus.close()
+        await asyncio.wait_for(run, 5)
+        await sink.close()
 
 
 async def test_device_down_bad_with_last_value_and_offline(tmp_path: Path) -> None:

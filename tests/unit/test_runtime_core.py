@@ -300,3 +300,20 @@ def test_device_normalizer_equals_reference(
     [fast] = DeviceNormalizer([s]).apply([sample], 9.0, latest)
     ref = normalize(s, sample, 9.0, latest.get(s.key))
     assert repr(fast) == repr(ref)  # repr: NaN != NaN, but the same text
+
+
+@pytest.mark.parametrize(
+    ("raw", "scale", "offset", "expected"),
+    [
+        (603, 0.1, 0.0, 60.3),
+        (1234, 0.001, 0.0, 1.234),
+        (455, 0.1, -10.0, 35.5),
+        (7, 0.25, 0.0, 1.75),
+        (3, 2.0, 0.5, 6.5),
+    ],
+)
+def test_scaled_integers_have_the_precision_of_their_scale(
+    raw: int, scale: float, offset: float, expected: float
+) -> None:
+    r = normalize(spec(scale=scale, offset=offset), RawSample(0, raw), 1.0, None)
+    assert repr(r.value) == repr(expected)
