@@ -53,8 +53,9 @@ attribute itself (see "fast path" below).
 
 SourceTimestamp is the reading's ``source_ts`` (poll completion). An update whose value and
 StatusCode equal what is served is not written at all, so SourceTimestamp is not bumped by
-an unchanged value, and subscribers see changes only. ServerTimestamp is the time the change
-was written.
+an unchanged value, and subscribers see changes only. A Bad reading that keeps the last
+value carries the time that value was last read; one without a value, the time of the
+failure. ServerTimestamp is the time the change was written.
 
 Engineering units follow UNECE Recommendation 20 (see ``UNITS``) with
 ``UnitId`` computed from the common code as OPC 10000-8 §5.6.3.3 describes. An unknown unit
@@ -135,7 +136,17 @@ from gateway.model import Quality, Reading, Reason, TagKey, TagSpec
 from gateway.sinks.base import RuntimeView
 from gateway.status import DeviceState, DeviceStatus
 
-__all__ = ["UNITS", "UNITS_NAMESPACE", "OpcUaSink", "eu_information", "status_code", "unit_id"]
+__all__ = [
+    "UNITS",
+    "UNITS_NAMESPACE",
+    "OpcUaSink",
+    "count_sessions",
+    "eu_information",
+    "load_or_create_certificate",
+    "status_code",
+    "unit_id",
+    "variant_type",
+]
 
 log = logging.getLogger("gateway.sinks.opcua")
 
@@ -678,6 +689,8 @@ class _ChannelGuard:
 
     def __init__(self, allow_none: bool) -> None:
         self.allow_none = allow_none
+        self.refused = 0
+        self._logged_at = -60.0
 
     def get_user(
         self,
@@ -687,7 +700,15 @@ class _ChannelGuard:
         certificate: Any = None,
     ) -> User | None:
         if not certificate and not self.allow_none:
-            log.warning("OPC UA: refused a session on an unsecured channel (allow_none is off)")
+            self.refused += 1
+            now = time.monotonic()
+            if now - self._logged_at >= 60.0:  # a client retrying every second: one line a minute
+                self._logged_at = now
+                log.warning(
+                    "OPC UA: refused a session on an unsecured channel (allow_none is off; "
+                    "%d refused so far)",
+                    self.refused,
+                )
             return None
         return User(role=UserRole.User)
 

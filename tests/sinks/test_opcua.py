@@ -9,7 +9,6 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -387,8 +386,12 @@ async def test_subscription_receives_every_change(tmp_path: Path) -> None:
         await wait_for(lambda: len(good_since(first)) >= 10)
         expected = good_since(first)
         for handler in (plain, filtered):
-            await wait_for(partial(lambda h: len(h.good()) >= len(expected), handler))
-            got = [(v, ts) for v, ts in handler.good() if ts >= first][: len(expected)]
+
+            def since_first(h: Changes = handler) -> list[tuple[Any, float]]:
+                return [(v, ts) for v, ts in h.good() if ts >= first]
+
+            await wait_for(lambda: len(since_first()) >= len(expected))
+            got = since_first()[: len(expected)]
             assert [v for v, _ in got] == [v for v, _ in expected]
             assert [ts for _, ts in got] == pytest.approx([ts for _, ts in expected], abs=1e-5)
 
@@ -491,7 +494,10 @@ async def test_device_down_bad_with_last_value_and_offline(tmp_path: Path) -> No
             bad = await read(client, sink, "up/up-plc/speed")
             assert bad.StatusCode.value == SC.BadCommunicationError
             assert bad.Value.Value == 1200
-            assert bad.SourceTimestamp == good.SourceTimestamp
+            # The kept value carries the time it was last read, not the time of the failure.
+            last_read = gw.bus.latest["up/speed"].source_ts
+            assert to_ts(bad.SourceTimestamp) == pytest.approx(last_read, abs=1e-5)
+            assert to_ts(good.SourceTimestamp) <= last_read + 1e-5 < time.time() - 0.05
             diag = "up/up-plc#"
             assert await client.get_node(nid(sink, diag + "online")).read_value() is False
             assert await client.get_node(nid(sink, diag + "error_count")).read_value() >= 1
