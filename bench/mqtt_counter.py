@@ -1,23 +1,26 @@
-"""An MQTT subscriber for the benchmarks: counts delivered values and measures latency.
+"""The benchmarks' MQTT receiver: counts delivered values and measures latency.
 
-A reference peer, not product code: it uses paho directly and runs in its own process so that
-its CPU is not charged to the gateway. Latency probes are tags whose name ends in ``_uint64``:
-the simulator stores its wall clock (ms) there at the moment it answers the read, so
-``receipt time - value`` is the time from the device's answer to MQTT delivery, without the
-wait for the poll slot (the poll phase).
+Receiving is done by ``mosquitto_sub`` (C), which stamps each message with its own receipt time
+(``-F %U``), so a slow Python parser here cannot add latency or drop messages. Retained
+messages are skipped (``-R``): only live deliveries count.
 
-Usage: mqtt_counter.py HOST PORT TOPIC WARMUP_S DURATION_S
-Prints "ready" once subscribed, then one JSON line when done.
+Latency probes are tags whose name ends in ``_uint64``: the simulator stores its wall clock (ms)
+there at the moment it answers the read, so ``receipt time - value`` is the time from the
+device's answer to delivery, without the wait for the poll slot (the poll phase).
+
+Usage: mqtt_counter.py HOST PORT TOPIC. Prints "ready" once subscribed, then reads one line
+``START_EPOCH END_EPOCH`` on stdin (the gateway's measurement window), counts what arrives in
+that window and prints one JSON line.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 import sys
 import threading
 import time
-
-import paho.mqtt.client as mqtt
 
 
 def percentile(sorted_values: list[float], p: float) -> float | None:
@@ -28,58 +31,57 @@ def percentile(sorted_values: list[float], p: float) -> float | None:
 
 
 def main() -> None:
-    host, port, topic = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-    warmup, duration = float(sys.argv[4]), float(sys.argv[5])
-    counting = threading.Event()
-    values = 0
-    messages = 0
+    host, port, topic = sys.argv[1], sys.argv[2], sys.argv[3]
+    exe = shutil.which("mosquitto_sub") or "/usr/bin/mosquitto_sub"
+    sub = subprocess.Popen(
+        [exe, "-h", host, "-p", port, "-t", topic, "-q", "0", "-R", "-F", "%U %t %p"],
+        stdout=subprocess.PIPE,
+        text=True,
+        bufsize=1,
+    )
+    window: list[float] = []
+    stats = {"values": 0, "messages": 0}
     latencies: list[float] = []
-    lock = threading.Lock()
 
-    def on_message(client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
-        nonlocal values, messages
-        now_ms = time.time() * 1000
-        if (
-            not counting.is_set()
-            or msg.retain
-            or ("/$" in msg.topic and "/$device/" not in msg.topic)
-        ):
-            return
-        body = json.loads(msg.payload)
-        with lock:
-            messages += 1
-            if "values" in body:  # per-device batch
-                values += len(body["values"])
-                for name, v in body["values"].items():
-                    if name.endswith("_uint64") and isinstance(v.get("value"), int):
-                        latencies.append(now_ms - v["value"])
+    def reader() -> None:
+        assert sub.stdout is not None
+        for line in sub.stdout:
+            stamp, _, rest = line.partition(" ")
+            topic_name, _, payload = rest.partition(" ")
+            if not window or ("/$" in topic_name and "/$device/" not in topic_name):
+                continue
+            received = float(stamp)
+            if not window[0] <= received <= window[1]:
+                continue
+            body = json.loads(payload)
+            stats["messages"] += 1
+            if "values" in body:  # one message per device poll
+                stats["values"] += len(body["values"])
+                probes = [(n, v.get("value")) for n, v in body["values"].items()]
             else:
-                values += 1
-                if msg.topic.endswith("_uint64") and isinstance(body.get("value"), int):
-                    latencies.append(now_ms - body["value"])
+                stats["values"] += 1
+                probes = [(topic_name, body.get("value"))]
+            for name, value in probes:
+                if name.endswith("_uint64") and isinstance(value, int):
+                    latencies.append(received * 1000 - value)
 
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-counter")
-    client.on_message = on_message
-    client.connect(host, port)
-    client.subscribe(topic, qos=0)
-    client.loop_start()
-    try:
-        print("ready", flush=True)
-        time.sleep(warmup)
-        counting.set()
-        t0 = time.monotonic()
-        time.sleep(duration)
-        counting.clear()
-        elapsed = time.monotonic() - t0
-    finally:
-        client.loop_stop()
-        client.disconnect()
+    thread = threading.Thread(target=reader, name="mosquitto_sub-reader", daemon=True)
+    thread.start()
+    time.sleep(1.0)  # let mosquitto_sub subscribe
+    print("ready", flush=True)
+    start, end = (float(x) for x in sys.stdin.readline().split())
+    window.extend((start, end))
+    time.sleep(max(0.0, end - time.time()) + 1.0)
+    sub.terminate()
+    sub.wait(timeout=10)
+    thread.join(timeout=10)
+    elapsed = end - start
     lat = sorted(latencies)
     print(
         json.dumps(
             {
-                "delivered_values_per_s": round(values / elapsed, 1),
-                "messages_per_s": round(messages / elapsed, 1),
+                "delivered_values_per_s": round(stats["values"] / elapsed, 1),
+                "messages_per_s": round(stats["messages"] / elapsed, 1),
                 "latency_samples": len(lat),
                 "latency_ms_p50": percentile(lat, 50),
                 "latency_ms_p99": percentile(lat, 99),

@@ -13,6 +13,7 @@ import logging
 import math
 import random
 import time
+import zlib
 from collections.abc import Callable, Sequence
 
 from drivers.base import Driver
@@ -95,6 +96,7 @@ class DeviceRunner:
         backoff: Backoff | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
+        phase: float | None = None,
     ) -> None:
         self.driver = driver
         self.bus = bus
@@ -106,6 +108,10 @@ class DeviceRunner:
         self._once = OnceLogger(log, f"device {driver.name}")
         self._connected = False
         self._specs = driver.tags
+        # Where in its interval this device polls, as a fraction. Stable per device name and
+        # spread across devices: 100 devices polled in the same instant make a burst that
+        # every stage downstream (and a shared network or serial gateway) must absorb at once.
+        self.phase = (zlib.crc32(driver.name.encode()) / 2**32) if phase is None else phase
         self._normalizer = DeviceNormalizer(driver.tags)
 
     # -- one step each; run() strings them together -------------------------------------
@@ -198,7 +204,10 @@ class DeviceRunner:
         """Poll on fixed-rate deadlines until stop or a failure. Returns False on failure."""
         intervals = [g.interval for g in self.driver.groups]
         now = self._clock()
+        # The first poll of each group happens at once (a short time to first value); the
+        # schedule then settles on the device's phase.
         due = [now] * len(groups)
+        first = [True] * len(groups)
         while not stop.is_set():
             group = min(range(len(due)), key=due.__getitem__)
             wait = due[group] - self._clock()
@@ -210,7 +219,8 @@ class DeviceRunner:
                 await self.fail(exc)
                 return False
             interval = intervals[group]
-            due[group] += interval
+            due[group] += interval * (1 + self.phase if first[group] else 1)
+            first[group] = False
             now = self._clock()
             if due[group] <= now:
                 # Fixed rate, not fixed delay: a slot we could not make is skipped and

@@ -83,6 +83,7 @@ def make_runner(driver: ScriptedDriver) -> tuple[DeviceRunner, Bus, DeviceStatus
         status,
         connect_timeout=0.5,
         backoff=Backoff(base=0.02, cap=0.05, rng=random.Random(1)),
+        phase=0.0,
     )
     return runner, bus, status
 
@@ -317,3 +318,30 @@ def test_scaled_integers_have_the_precision_of_their_scale(
 ) -> None:
     r = normalize(spec(scale=scale, offset=offset), RawSample(0, raw), 1.0, None)
     assert repr(r.value) == repr(expected)
+
+
+async def test_devices_are_spread_across_the_interval() -> None:
+    driver = ScriptedDriver([spec(0)], [ReadGroup(0.2, (0,))])
+    bus = Bus()
+    bus.register(driver.tags, 0.0)
+    runner = DeviceRunner(
+        driver, bus, DeviceStatus("plc", "m", "d", "e"), connect_timeout=0.5, phase=0.5
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(runner.run(stop), name="driver[plc]")
+    await asyncio.sleep(0.75)
+    stop.set()
+    await task
+    times = [t for _, t in driver.reads]
+    # First poll at once, the next one half an interval later than fixed rate alone would
+    # put it, then fixed rate again.
+    assert len(times) >= 3
+    assert times[1] - times[0] == pytest.approx(0.3, abs=0.04)
+    assert times[2] - times[1] == pytest.approx(0.2, abs=0.04)
+    other = DeviceRunner(
+        ScriptedDriver([spec(0)], [ReadGroup(1.0, (0,))]),
+        bus,
+        DeviceStatus("x", "m", "d", "e"),
+        connect_timeout=0.5,
+    )
+    assert 0.0 <= other.phase < 1.0
