@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Real peers the tests start themselves come from Debian packages.
-APT_PACKAGES=(socat mosquitto chromium)
+APT_PACKAGES=(socat mosquitto mosquitto-clients chromium)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
