@@ -115,6 +115,29 @@ def _json_str(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
+def _unchanged(
+    tag: _Tag, value: object, quality: Quality, reason: Reason, now: float, heartbeat: float
+) -> bool:
+    """Report by exception, the one rule for both topic shapes: True if nothing to send.
+
+    Unchanged means same quality and reason, the heartbeat not yet due, and the value equal
+    to the last *sent* one or, for numbers, within the tag's deadband of it (so slow drift is
+    still reported once it adds up).
+    """
+    if quality is not tag.quality or reason is not tag.reason or now - tag.sent >= heartbeat:
+        return False
+    last = tag.value
+    if value == last:
+        return True
+    band = tag.deadband
+    return (
+        band is not None
+        and isinstance(value, int | float)
+        and isinstance(last, int | float)
+        and -band <= value - last <= band
+    )
+
+
 def value_json(value: Value | None) -> str:
     """A reading's value as a JSON literal; None and non-finite floats become null."""
     kind = type(value)
@@ -633,23 +656,8 @@ class MqttSink:
             tag = tags.get(key)
             if tag is None and (tag := self._late_tag(key)) is None:
                 continue
-            if (
-                not everything
-                and quality is tag.quality
-                and reason is tag.reason
-                and now - tag.sent < heartbeat
-            ):
-                last = tag.value
-                if value == last:
-                    continue
-                band = tag.deadband
-                if (
-                    band is not None
-                    and isinstance(value, int | float)
-                    and isinstance(last, int | float)
-                    and -band <= value - last <= band
-                ):
-                    continue
+            if not everything and _unchanged(tag, value, quality, reason, now, heartbeat):
+                continue
             tag.value = value
             tag.quality = quality
             tag.reason = reason
@@ -657,13 +665,7 @@ class MqttSink:
             if ts != last_ts:
                 last_ts = ts
                 tail = (tails.get(ts) or self._tail(ts))[0]
-            kind = type(value)
-            if kind is int:
-                text = str(value)
-            elif kind is float:
-                text = repr(value) if value - value == 0.0 else "null"  # type: ignore[operator]
-            else:
-                text = value_json(value)
+            text = value_json(value)
             if quality is good:
                 body = f'{{"value":{text}{tag.good}{tail}'
             else:
@@ -705,23 +707,8 @@ class MqttSink:
             tag = tags.get(key)
             if tag is None and (tag := self._late_tag(key)) is None:
                 continue
-            if (
-                not everything
-                and quality is tag.quality
-                and reason is tag.reason
-                and now - tag.sent < heartbeat
-            ):
-                last = tag.value
-                if value == last:
-                    continue
-                band = tag.deadband
-                if (
-                    band is not None
-                    and isinstance(value, int | float)
-                    and isinstance(last, int | float)
-                    and -band <= value - last <= band
-                ):
-                    continue
+            if not everything and _unchanged(tag, value, quality, reason, now, heartbeat):
+                continue
             tag.value = value
             tag.quality = quality
             tag.reason = reason
@@ -729,13 +716,7 @@ class MqttSink:
             if ts != last_ts:
                 last_ts = ts
                 ms = (tails.get(ts) or self._tail(ts))[1]
-            kind = type(value)
-            if kind is int:
-                text = str(value)
-            elif kind is float:
-                text = repr(value) if value - value == 0.0 else "null"  # type: ignore[operator]
-            else:
-                text = value_json(value)
+            text = value_json(value)
             if quality is good:
                 item = f'{tag.dev_head}{text},"quality":"good","ts_ms":{ms}}}'
             else:
