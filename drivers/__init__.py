@@ -9,4 +9,6 @@ __all__ = ["BUILTIN"]
 
 BUILTIN: dict[str, str] = {
     "modbus_tcp": "drivers.modbus.driver:ModbusTcpDriver",
+    "modbus_rtu": "drivers.modbus.driver:ModbusRtuDriver",
+    "modbus_rtu_over_tcp": "drivers.modbus.driver:ModbusRtuOverTcpDriver",
 }

@@ -1,6 +1,7 @@
-"""``retrofit-gw``: check, once, schema, run, simulate, demo.
+"""``retrofit-gw``: check, once, schema, run, simulate, demo; read and scan for commissioning.
 
-Exit codes: 0 success, 1 a device could not be read (``once``), 2 a bad config or bad usage.
+Exit codes: 0 success, 1 a device could not be read (``once``, ``read``, ``scan``), 2 a bad
+config or bad usage.
 Nothing starts with a bad config.
 """
 
@@ -11,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -24,7 +26,7 @@ from drivers.modbus.simulator import serve
 from gateway.app import FunctionSink, Gateway, build_sinks, log_sink
 from gateway.config import LoadedConfig, MqttSection, json_schema, load_config
 from gateway.demo_broker import DemoBroker
-from gateway.errors import ConfigError, GatewayError
+from gateway.errors import ConfigError, DeviceError, GatewayError
 from gateway.sinks.base import Sink
 
 __all__ = ["main"]
@@ -150,6 +152,73 @@ def cmd_once(args: argparse.Namespace) -> int:
                 print(f"{status.name}: {status.state.value}: {status.last_error}", file=sys.stderr)
     failed = any(s.state.value != "online" for s in gw.statuses.values())
     return EXIT_DEVICE if failed else EXIT_OK
+
+
+def cmd_read(args: argparse.Namespace) -> int:
+    from drivers.modbus.config import Addressing, Table  # noqa: PLC0415
+    from gateway import commission as c  # noqa: PLC0415 - it imports format_table from here
+
+    addressing = Addressing(args.addressing)
+    # With modicon the reference names the table; an explicit --table must then agree.
+    table = Table(args.table) if args.table else None
+    if table is None and addressing is not Addressing.MODICON:
+        table = Table.HOLDING
+    try:
+        table, address = c.plan_read(addressing, table, args.address, args.count, args.timeout)
+    except c.UsageError as exc:
+        print(f"retrofit-gw read: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        values = asyncio.run(
+            c.read_span(args.host, args.port, args.unit, table, address, args.count, args.timeout)
+        )
+    except DeviceError as exc:
+        print(f"retrofit-gw read: {c.describe_device_error(exc)}", file=sys.stderr)
+        return EXIT_DEVICE
+    found = [] if table.is_bits else c.interpret(values, addressing, table, args.address)
+    result = c.ReadResult(
+        args.host, args.port, args.unit, table, address, values, addressing, args.address, found
+    )
+    if args.json:
+        print(json.dumps(c.read_json(result), indent=2))
+    else:
+        color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+        print(c.format_read(result, color=color))
+    return EXIT_OK
+
+
+def cmd_scan(args: argparse.Namespace) -> int:
+    from gateway import commission as c  # noqa: PLC0415 - it imports format_table from here
+
+    try:
+        spec = c.ScanSpec(
+            host=args.host,
+            port=args.port,
+            units=c.parse_units(args.units),
+            tables=c.parse_tables(args.tables),
+            start=args.start,
+            end=args.end,
+            block=args.block,
+            timeout=args.timeout,
+            max_requests=None if args.force else args.max_requests,
+        )
+        spec.check()
+    except c.UsageError as exc:
+        print(f"retrofit-gw scan: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    progress = c.Progress(sys.stderr)
+    try:
+        result = asyncio.run(c.scan(spec, progress))
+    except DeviceError as exc:
+        progress.done()
+        print(f"retrofit-gw scan: {exc}", file=sys.stderr)
+        return EXIT_DEVICE
+    progress.done()
+    if args.json:
+        print(json.dumps(c.scan_json(result), indent=2))
+    else:
+        print(c.format_scan(result))
+    return EXIT_CONFIG if result.stopped else EXIT_OK
 
 
 def _install_signals(stop: asyncio.Event) -> None:
@@ -335,6 +404,57 @@ def build_parser() -> argparse.ArgumentParser:
         help="simulator ports (lathe; the mill gets +1); must match the config",
     )
     s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser(
+        "read",
+        help="read a span of one device ad hoc and print every interpretation",
+        description="Read registers (or bits) once and print them raw and as every type and "
+        "byte order, with the config line for each plausible reading. Read-only.",
+    )
+    s.add_argument("address", help="first address, written as --addressing says (e.g. 100, 40101)")
+    s.add_argument("count", nargs="?", type=int, default=2, help="registers or bits (default 2)")
+    s.add_argument("--host", required=True)
+    s.add_argument("--port", type=int, default=502)
+    s.add_argument("--unit", type=int, default=1, help="unit id (default 1)")
+    s.add_argument(
+        "--table",
+        choices=["holding", "input", "coil", "discrete_input"],
+        help="default holding; with modicon addressing the reference names it",
+    )
+    s.add_argument(
+        "--addressing", choices=["zero_based", "one_based", "modicon"], default="zero_based"
+    )
+    s.add_argument("--timeout", type=float, default=1.0, help="seconds to wait for the answer")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(func=cmd_read)
+
+    s = sub.add_parser(
+        "scan",
+        help="find which unit ids answer and which address ranges they serve",
+        description="Probe unit ids, then address ranges in blocks, with read requests only. "
+        "A unit is present when it answers anything (an exception too), absent on a timeout.",
+    )
+    s.add_argument("--host", required=True)
+    s.add_argument("--port", type=int, default=502)
+    s.add_argument("--units", default="1-247", help="unit ids, e.g. 1-247 or 1,2,5 (default 1-247)")
+    s.add_argument(
+        "--tables",
+        default="holding,input,coil,discrete_input",
+        help="comma-separated tables to probe (default all four)",
+    )
+    s.add_argument("--start", type=int, default=0, help="first address (zero-based, default 0)")
+    s.add_argument("--end", type=int, default=999, help="last address (default 999)")
+    s.add_argument("--block", type=int, default=10, help="addresses per probe (default 10)")
+    s.add_argument("--timeout", type=float, default=0.3, help="seconds per request (default 0.3)")
+    s.add_argument(
+        "--max-requests",
+        type=int,
+        default=5000,
+        help="refuse a scan needing more requests than this (default 5000)",
+    )
+    s.add_argument("--force", action="store_true", help="no request limit")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(func=cmd_scan)
     return p
 
 

@@ -26,7 +26,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_core import ErrorDetails
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from drivers.modbus.config import ModbusTcpDevice, check_device
+from drivers.modbus.config import (
+    ModbusRtuDevice,
+    ModbusRtuOverTcpDevice,
+    ModbusTcpDevice,
+    check_device,
+    check_serial_buses,
+)
 from gateway.errors import ConfigError, ConfigIssue
 
 __all__ = [
@@ -75,7 +81,9 @@ class BusSection(_Section):
 # A discriminated union on ``driver``. pydantic accepts a discriminator on a single model, and
 # the error for an unknown ``driver:`` then already names the valid values; a new driver is
 # added as ``ModbusTcpDevice | ModbusRtuDevice`` inside the Annotated.
-DeviceConfig = Annotated[ModbusTcpDevice, Field(discriminator="driver")]
+DeviceConfig = Annotated[
+    ModbusTcpDevice | ModbusRtuDevice | ModbusRtuOverTcpDevice, Field(discriminator="driver")
+]
 
 
 class MqttSection(_Section):
@@ -805,7 +813,8 @@ def _cross_check(config: GatewayConfig, loader: _Loader, csv_failed: set[int]) -
         else:
             device_names[device.name] = here
 
-        if device.enabled:
+        # Serial lines (and RTU behind a device server) are checked by check_serial_buses.
+        if device.enabled and isinstance(device, ModbusTcpDevice):
             endpoint = (device.host.lower(), device.port, device.unit_id)
             if endpoint in endpoints:
                 first, other = endpoints[endpoint]
@@ -854,9 +863,11 @@ def _cross_check(config: GatewayConfig, loader: _Loader, csv_failed: set[int]) -
                     f"{device.timeout:g} s; raise it or lower the device's `timeout:`",
                 )
         # Each driver adds its own checks here, keyed by its model type.
-        if isinstance(device, ModbusTcpDevice):
+        if isinstance(device, ModbusTcpDevice | ModbusRtuDevice | ModbusRtuOverTcpDevice):
             for loc, message in check_device(device):
                 add((*here, *loc), message)
+    for i, loc, message in check_serial_buses(config.devices):
+        add(("devices", i, *loc), message)
     return issues
 
 

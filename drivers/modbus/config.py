@@ -7,6 +7,7 @@ calls ``check_device`` in its cross-check pass.
 from __future__ import annotations
 
 import enum
+from collections.abc import Sequence
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -18,11 +19,15 @@ __all__ = [
     "Addressing",
     "ByteOrder",
     "DataType",
+    "ModbusDevice",
+    "ModbusRtuDevice",
+    "ModbusRtuOverTcpDevice",
     "ModbusTag",
     "ModbusTcpDevice",
     "Table",
     "Workarounds",
     "check_device",
+    "check_serial_buses",
     "register_count",
     "resolve_address",
 ]
@@ -173,16 +178,14 @@ class Workarounds(_Strict):
     )
 
 
-class ModbusTcpDevice(_Strict):
-    """A Modbus TCP server: a PLC, a controller, or a TCP-to-serial gateway (one unit id)."""
+class _ModbusDevice(_Strict):
+    """What every Modbus device has, whatever carries its frames."""
 
-    driver: Literal["modbus_tcp"]
+    # Narrowed to one Literal by each device; declared here so that it comes first.
+    driver: str
     name: _Name
     machine: _Name = Field(description="The machine this device belongs to, e.g. lathe-3.")
     enabled: bool = True
-    host: str = Field(min_length=1)
-    port: int = Field(default=502, ge=1, le=65535)
-    unit_id: int = Field(default=1, ge=0, le=255)
     timeout: _Seconds = Field(
         default=0.5, description="Seconds to wait for one response; shorter than `interval`."
     )
@@ -197,6 +200,66 @@ class ModbusTcpDevice(_Strict):
     tags_csv: str | None = Field(
         default=None, description="CSV register table, relative to this config file."
     )
+
+
+#: Serial line addresses: 0 is broadcast (no answer) and 248..255 are reserved.
+_SerialUnit = Annotated[int, Field(ge=1, le=247)]
+
+
+class _OverTcp(_ModbusDevice):
+    host: str = Field(min_length=1)
+    port: int = Field(default=502, ge=1, le=65535)
+
+
+class ModbusTcpDevice(_OverTcp):
+    """A Modbus TCP server: a PLC, a controller, or a TCP-to-serial gateway (one unit id)."""
+
+    driver: Literal["modbus_tcp"]
+    unit_id: int = Field(default=1, ge=0, le=255)
+
+
+class ModbusRtuOverTcpDevice(_OverTcp):
+    """A serial slave behind a transparent serial device server: RTU frames (with CRC) in TCP.
+
+    Every device on one ``host:port`` shares one connection and one request at a time, as
+    the serial line behind the server demands.
+    """
+
+    driver: Literal["modbus_rtu_over_tcp"]
+    unit_id: _SerialUnit = 1
+
+
+class ModbusRtuDevice(_ModbusDevice):
+    """A Modbus RTU (or ASCII) slave on a serial line, e.g. an RS-485 bus shared by several.
+
+    Every device on one ``port`` must agree on the line settings and have its own unit id.
+    """
+
+    driver: Literal["modbus_rtu"]
+    port: str = Field(min_length=1, description="Serial port, e.g. /dev/ttyUSB0.")
+    baudrate: int = Field(default=19200, ge=300, le=4_000_000)
+    parity: Literal["N", "E", "O"] = Field(
+        default="E", description="N, E or O; the Modbus serial line standard is E (even)."
+    )
+    stopbits: Literal[1, 2] = 1
+    bytesize: Literal[8] = 8
+    unit_id: _SerialUnit = 1
+    framing: Literal["rtu", "ascii"] = Field(default="rtu", description="Modbus RTU or ASCII.")
+    turnaround_gap: float = Field(
+        default=0.0,
+        ge=0,
+        le=10,
+        description="Extra seconds of silence after each transaction (slow slaves, converters).",
+    )
+
+    @property
+    def line(self) -> str:
+        """The line settings as on a device's label: ``19200/8E1``."""
+        return f"{self.baudrate}/{self.bytesize}{self.parity}{self.stopbits}"
+
+
+#: Every Modbus device model, for ``check_device`` and the gateway's device union.
+ModbusDevice = ModbusTcpDevice | ModbusRtuDevice | ModbusRtuOverTcpDevice
 
 
 def resolve_address(
@@ -262,9 +325,18 @@ def register_count(tag: ModbusTag) -> int:
     return REGISTER_WIDTH[tag.type]
 
 
-def check_device(device: ModbusTcpDevice) -> list[tuple[tuple[str | int, ...], str]]:
+def check_device(device: ModbusDevice) -> list[tuple[tuple[str | int, ...], str]]:
     """Modbus-specific cross-checks. Returns ``(location under the device, message)`` pairs."""
     issues: list[tuple[tuple[str | int, ...], str]] = []
+    if not isinstance(device, ModbusTcpDevice) and device.workarounds.close_after_poll:
+        # The link is shared by every device on the line; one device may not drop it.
+        issues.append(
+            (
+                ("workarounds", "close_after_poll"),
+                f"close_after_poll does not apply to {device.driver}: the link is shared "
+                f"by every device on it",
+            )
+        )
     for i, tag in enumerate(device.tags):
         here: tuple[str | int, ...] = ("tags", i)
         try:
@@ -323,3 +395,55 @@ def _check_tag(tag: ModbusTag, table: Table, address: int) -> list[tuple[tuple[s
     ):
         out.append((("scale",), f"scale/offset do not apply to type {tag.type}"))
     return out
+
+
+def _bus_key(device: ModbusRtuDevice | ModbusRtuOverTcpDevice) -> str:
+    if isinstance(device, ModbusRtuDevice):
+        return device.port
+    return f"{device.host.lower()}:{device.port}"
+
+
+def check_serial_buses(
+    devices: Sequence[object],
+) -> list[tuple[int, tuple[str | int, ...], str]]:
+    """Checks across the devices that share one serial line (a port, or a device server).
+
+    Takes the config's whole device list (anything not RTU is skipped, so are disabled
+    devices) and returns ``(device index, location under that device, message)``: every
+    device on one port agrees on the line settings and framing, and no two share a unit id.
+    """
+    issues: list[tuple[int, tuple[str | int, ...], str]] = []
+    first_on: dict[str, tuple[int, ModbusRtuDevice | ModbusRtuOverTcpDevice]] = {}
+    units: dict[tuple[str, int], tuple[int, str]] = {}
+    for i, device in enumerate(devices):
+        if not isinstance(device, ModbusRtuDevice | ModbusRtuOverTcpDevice) or not device.enabled:
+            continue
+        key = _bus_key(device)
+        j, first = first_on.setdefault(key, (i, device))
+        if isinstance(device, ModbusRtuDevice) and isinstance(first, ModbusRtuDevice):
+            for field in ("baudrate", "parity", "stopbits", "bytesize", "framing"):
+                mine, theirs = getattr(device, field), getattr(first, field)
+                if mine != theirs:
+                    issues.append(
+                        (
+                            i,
+                            (field,),
+                            f"device '{device.name}' uses {field} {mine} on {key}, but device "
+                            f"'{first.name}' (devices[{j}]) uses {theirs}; every device on one "
+                            f"port must use the same line settings",
+                        )
+                    )
+        elif device.driver != first.driver:
+            issues.append((i, ("driver",), f"{key} is also used by device '{first.name}'"))
+        taken = units.setdefault((key, device.unit_id), (i, device.name))
+        if taken[0] != i:
+            issues.append(
+                (
+                    i,
+                    ("unit_id",),
+                    f"device '{device.name}' uses unit_id {device.unit_id} on {key}, like "
+                    f"device '{taken[1]}' (devices[{taken[0]}]); give each its own unit_id "
+                    f"or disable one",
+                )
+            )
+    return issues

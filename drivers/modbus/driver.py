@@ -1,4 +1,4 @@
-"""The Modbus TCP driver: compiled read plan + decoders + the pymodbus façade.
+"""The Modbus drivers (TCP, RTU on a serial line, RTU over TCP): read plan + decoders + façade.
 
 One ``read(group)`` walks the group's requests once. A request that the device refuses with
 ILLEGAL DATA ADDRESS is split in halves and retried at once, and the split is remembered for
@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from typing import cast
 
 from drivers.modbus.config import (
     DataType,
+    ModbusDevice,
+    ModbusRtuDevice,
+    ModbusRtuOverTcpDevice,
     ModbusTag,
     ModbusTcpDevice,
     register_count,
@@ -21,11 +24,17 @@ from drivers.modbus.config import (
 )
 from drivers.modbus.decode import Decoder, buffers, compile_decoder
 from drivers.modbus.plan import Request, Span, plan, split, summarize
-from drivers.modbus.transport import ModbusTcpTransport
-from gateway.errors import DecodeError, DeviceException
+from drivers.modbus.serial_bus import PortOwner, attach, silence
+from drivers.modbus.transport import (
+    ClientTransport,
+    ModbusRtuOverTcpTransport,
+    ModbusSerialTransport,
+    ModbusTcpTransport,
+)
+from gateway.errors import ConnectionLost, DecodeError, DeviceException
 from gateway.model import RawSample, ReadGroup, Reason, TagSpec
 
-__all__ = ["ModbusTcpDriver"]
+__all__ = ["ModbusRtuDriver", "ModbusRtuOverTcpDriver", "ModbusTcpDriver"]
 
 log = logging.getLogger("drivers.modbus")
 
@@ -46,25 +55,15 @@ def _source(tag: ModbusTag, table: str, address: int) -> str:
     )
 
 
-class ModbusTcpDriver:
-    """One Modbus TCP device (one unit id on one endpoint)."""
+class _ModbusDriver:
+    """The read plan, decoding and ILLEGAL DATA ADDRESS splits; subclasses carry the frames."""
 
-    kind = "modbus_tcp"
+    kind = "modbus"
 
-    def __init__(
-        self, device: ModbusTcpDevice, *, transport: ModbusTcpTransport | None = None
-    ) -> None:
-        self.device = device
+    def __init__(self, device: ModbusDevice) -> None:
+        self.device: ModbusDevice = device
         self.name = device.name
-        self.endpoint = f"{device.host}:{device.port}/{device.unit_id}"
-        self.transport = transport or ModbusTcpTransport(
-            host=device.host,
-            port=device.port,
-            unit_id=device.unit_id,
-            timeout=device.timeout,
-            connect_timeout=device.connect_timeout,
-            name=device.name,
-        )
+        self.endpoint = ""
         tags: list[TagSpec] = []
         spans: list[Span] = []
         self._decoders: list[Decoder | None] = []
@@ -135,43 +134,18 @@ class ModbusTcpDriver:
     def requests_per_cycle(self) -> int:
         return sum(len(p) for p in self._plans)
 
-    # -- Driver --------------------------------------------------------------------------
+    async def _transfer(self, request: Request) -> list[int] | list[bool]:
+        raise NotImplementedError
 
-    async def connect(self) -> None:
-        await self.transport.connect()
-        if self.device.workarounds.pause_after_connect:
-            # Some serial gateways drop the first request that follows a connect.
-            await asyncio.sleep(self.device.workarounds.pause_after_connect)
-
-    async def close(self) -> None:
-        await self.transport.close()
-
-    def poll_timeout(self, group: int) -> float:
-        n = len(self._plans[group])
+    async def _read_group(self, group: int) -> list[RawSample]:
         w = self.device.workarounds
-        # Every request may take a full timeout, and a split after ILLEGAL DATA ADDRESS may
-        # send up to twice as many; a reconnect for close_after_poll adds one connect.
-        budget = 2 * n * (self.device.timeout + w.pause_between_requests) + self.device.timeout
-        if w.close_after_poll:
-            budget += self.device.connect_timeout + w.pause_after_connect
-        return budget
-
-    async def read(self, group: int) -> Sequence[RawSample]:
-        w = self.device.workarounds
-        if not self.transport.connected:
-            # Only reached with close_after_poll: the runner connected us for the first poll.
-            await self.connect()
         out: list[RawSample] = []
         requests = self._plans[group]
         replanned: list[Request] = []
-        try:
-            for i, request in enumerate(requests):
-                if i and w.pause_between_requests:
-                    await asyncio.sleep(w.pause_between_requests)
-                replanned.extend(await self._read_request(request, out))
-        finally:
-            if w.close_after_poll:
-                await self.transport.close()
+        for i, request in enumerate(requests):
+            if i and w.pause_between_requests:
+                await asyncio.sleep(w.pause_between_requests)
+            replanned.extend(await self._read_request(request, out))
         if len(replanned) != len(requests):
             self._plans[group] = replanned
         return out
@@ -180,7 +154,7 @@ class ModbusTcpDriver:
         """Read one request into ``out``; returns the request(s) to use from now on."""
         self.requests_sent += 1
         try:
-            values = await self.transport.read(request.table, request.start, request.count)
+            values = await self._transfer(request)
         except DeviceException as exc:
             if exc.code in _DEVICE_DOWN_CODES:
                 raise
@@ -242,6 +216,203 @@ class ModbusTcpDriver:
             )
             self._compiled[id(request)] = items
         return items[1]
+
+
+class ModbusTcpDriver(_ModbusDriver):
+    """One Modbus TCP device (one unit id on one endpoint)."""
+
+    kind = "modbus_tcp"
+
+    def __init__(
+        self, device: ModbusTcpDevice, *, transport: ModbusTcpTransport | None = None
+    ) -> None:
+        super().__init__(device)
+        self.endpoint = f"{device.host}:{device.port}/{device.unit_id}"
+        self.transport = transport or ModbusTcpTransport(
+            host=device.host,
+            port=device.port,
+            unit_id=device.unit_id,
+            timeout=device.timeout,
+            connect_timeout=device.connect_timeout,
+            name=device.name,
+        )
+
+    async def _transfer(self, request: Request) -> list[int] | list[bool]:
+        return await self.transport.read(request.table, request.start, request.count)
+
+    # -- Driver --------------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        await self.transport.connect()
+        if self.device.workarounds.pause_after_connect:
+            # Some serial gateways drop the first request that follows a connect.
+            await asyncio.sleep(self.device.workarounds.pause_after_connect)
+
+    async def close(self) -> None:
+        await self.transport.close()
+
+    def poll_timeout(self, group: int) -> float:
+        n = len(self._plans[group])
+        w = self.device.workarounds
+        # Every request may take a full timeout, and a split after ILLEGAL DATA ADDRESS may
+        # send up to twice as many; a reconnect for close_after_poll adds one connect.
+        budget = 2 * n * (self.device.timeout + w.pause_between_requests) + self.device.timeout
+        if w.close_after_poll:
+            budget += self.device.connect_timeout + w.pause_after_connect
+        return budget
+
+    async def read(self, group: int) -> Sequence[RawSample]:
+        if not self.transport.connected:
+            # Only reached with close_after_poll: the runner connected us for the first poll.
+            await self.connect()
+        try:
+            return await self._read_group(group)
+        finally:
+            if self.device.workarounds.close_after_poll:
+                await self.transport.close()
+
+
+class _SharedLineDriver(_ModbusDriver):
+    """A slave on a shared serial line: every request goes through the line's PortOwner."""
+
+    device: ModbusRtuDevice | ModbusRtuOverTcpDevice
+
+    def __init__(self, device: ModbusRtuDevice | ModbusRtuOverTcpDevice) -> None:
+        super().__init__(device)
+        self.unit_id = device.unit_id
+        self._owner: PortOwner | None = None
+
+    # What the line is, and how to open it; the first device to attach opens it.
+    def _line(self) -> tuple[Hashable, int | None, object, float]:
+        """(registry key, baud rate or None, settings all devices must share, turnaround gap)"""
+        raise NotImplementedError
+
+    def _make_link(self) -> ClientTransport:
+        raise NotImplementedError
+
+    @property
+    def owner(self) -> PortOwner | None:
+        """The line's owner while connected (shared with every device on the line)."""
+        return self._owner
+
+    def _hold(self) -> float:
+        """Longest one transaction of ours may keep the line: a timeout, then silence."""
+        _, baudrate, _, gap = self._line()
+        return self.device.timeout + silence(baudrate) + gap
+
+    async def connect(self) -> None:
+        if self._owner is not None:
+            return
+        key, baudrate, settings, _ = self._line()
+        self._owner = await attach(
+            key,
+            self._make_link,
+            name=self.name,
+            hold=self._hold(),
+            baudrate=baudrate,
+            settings=settings,
+        )
+        if self.device.workarounds.pause_after_connect:
+            await asyncio.sleep(self.device.workarounds.pause_after_connect)
+
+    async def close(self) -> None:
+        owner, self._owner = self._owner, None
+        if owner is not None:
+            await owner.detach(self.name)
+
+    def poll_timeout(self, group: int) -> float:
+        n = len(self._plans[group])
+        w = self.device.workarounds
+        owner = self._owner
+        # Each request (twice as many after a split) may wait behind one transaction of every
+        # other device on the line, and the line may have to be reopened once.
+        queue = owner.wait_allowance(self.name) if owner is not None else 0.0
+        per_request = self._hold() + w.pause_between_requests + queue
+        return 2 * n * per_request + self.device.timeout + self.device.connect_timeout
+
+    async def read(self, group: int) -> Sequence[RawSample]:
+        if self._owner is None:
+            raise ConnectionLost(f"{self.name}: not connected")
+        return await self._read_group(group)
+
+    async def _transfer(self, request: Request) -> list[int] | list[bool]:
+        owner = self._owner
+        if owner is None:
+            raise ConnectionLost(f"{self.name}: not connected")
+        link = owner.link
+        assert isinstance(link, ClientTransport)
+        _, _, _, gap = self._line()
+        timeout = self.device.timeout
+        return await owner.transaction(
+            lambda: link.read(
+                request.table,
+                request.start,
+                request.count,
+                unit_id=self.unit_id,
+                response_timeout=timeout,
+            ),
+            gap=gap,
+        )
+
+
+class ModbusRtuDriver(_SharedLineDriver):
+    """One Modbus RTU (or ASCII) slave on a serial port shared with the other slaves on it."""
+
+    kind = "modbus_rtu"
+    device: ModbusRtuDevice
+
+    def __init__(self, device: ModbusRtuDevice) -> None:
+        super().__init__(device)
+        self.endpoint = f"{device.port}@{device.line} unit {device.unit_id}"
+        if device.framing == "ascii":
+            self.endpoint += " (ascii)"
+
+    def _line(self) -> tuple[Hashable, int | None, object, float]:
+        d = self.device
+        settings = (d.baudrate, d.parity, d.stopbits, d.bytesize, d.framing)
+        return ("serial", d.port), d.baudrate, settings, d.turnaround_gap
+
+    def _make_link(self) -> ClientTransport:
+        d = self.device
+        return ModbusSerialTransport(
+            port=d.port,
+            baudrate=d.baudrate,
+            parity=d.parity,
+            stopbits=d.stopbits,
+            bytesize=d.bytesize,
+            framing=d.framing,
+            timeout=d.timeout,
+            connect_timeout=d.connect_timeout,
+            name=d.port,
+            unit_id=d.unit_id,
+        )
+
+
+class ModbusRtuOverTcpDriver(_SharedLineDriver):
+    """One serial slave behind a serial device server, RTU frames over one shared TCP link."""
+
+    kind = "modbus_rtu_over_tcp"
+    device: ModbusRtuOverTcpDevice
+
+    def __init__(self, device: ModbusRtuOverTcpDevice) -> None:
+        super().__init__(device)
+        self.endpoint = f"{device.host}:{device.port} rtu unit {device.unit_id}"
+
+    def _line(self) -> tuple[Hashable, int | None, object, float]:
+        d = self.device
+        # The device server times its own line; the baud rate is not ours to know.
+        return ("tcp", d.host.lower(), d.port), None, None, 0.0
+
+    def _make_link(self) -> ClientTransport:
+        d = self.device
+        return ModbusRtuOverTcpTransport(
+            host=d.host,
+            port=d.port,
+            unit_id=d.unit_id,
+            timeout=d.timeout,
+            connect_timeout=d.connect_timeout,
+            name=f"{d.host}:{d.port}",
+        )
 
 
 def _no_decoder(be: bytes, le: bytes, offset: int) -> bool:

@@ -20,9 +20,9 @@ import socket
 import struct
 from collections.abc import Sequence
 from types import TracebackType
-from typing import Self
+from typing import Literal, Self
 
-from pymodbus.client import AsyncModbusTcpClient
+from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient, ModbusBaseClient
 from pymodbus.constants import ExcCodes
 from pymodbus.exceptions import (
     ConnectionException,
@@ -30,6 +30,7 @@ from pymodbus.exceptions import (
     ModbusIOException,
     NoSuchIdException,
 )
+from pymodbus.framer import FramerType
 from pymodbus.pdu import ExceptionResponse, ModbusPDU
 from pymodbus.pdu.bit_message import (
     ReadCoilsRequest,
@@ -41,14 +42,21 @@ from pymodbus.pdu.register_message import (
     ReadHoldingRegistersResponse,
     ReadInputRegistersResponse,
 )
-from pymodbus.server import ModbusTcpServer
+from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
 from drivers.modbus.config import Table
 from drivers.modbus.simulator import SimulatedDevice, WritableDevice
 from gateway.errors import ConnectionLost, DecodeError, DeviceException, DeviceTimeout
 
-__all__ = ["EXCEPTION_NAMES", "ModbusTcpTransport", "RegisterServer"]
+__all__ = [
+    "EXCEPTION_NAMES",
+    "ClientTransport",
+    "ModbusRtuOverTcpTransport",
+    "ModbusSerialTransport",
+    "ModbusTcpTransport",
+    "RegisterServer",
+]
 
 # Every failure pymodbus logs (a failed connect as WARNING, each timeout as ERROR with a hex
 # dump of the last 20 frames) reaches the runner as a gateway error, which logs and counts
@@ -143,69 +151,55 @@ _FAST_RESPONSES = (_HoldingResponse, _InputResponse, _CoilsResponse, _DiscreteIn
 # -- client ---------------------------------------------------------------------------------
 
 
-class ModbusTcpTransport:
-    """One Modbus TCP connection to one unit id.
+class ClientTransport:
+    """One pymodbus client; what the TCP, RTU-over-TCP and serial transports share.
 
     ``read`` returns exactly ``count`` values or raises a ``gateway.errors.DeviceError``:
     ``DeviceException`` for an exception response (the link stays up), ``DeviceTimeout`` for
-    no answer (the link is closed, so a late answer can never pair with the next request),
-    ``ConnectionLost`` when not connected or the link broke, ``DecodeError`` for an answer
-    of the wrong length. Calls must not overlap: the driver awaits each before the next.
+    no answer, ``ConnectionLost`` when not connected or the link broke, ``DecodeError`` for an
+    answer of the wrong length. Calls must not overlap: the driver (or the serial line's
+    ``PortOwner``) awaits each before the next.
     """
 
-    def __init__(
-        self,
-        *,
-        host: str,
-        port: int,
-        unit_id: int,
-        timeout: float,
-        connect_timeout: float,
-        name: str,
-    ) -> None:
-        self.host = host
-        self.port = port
+    #: Close the link after a timeout, so a late answer can never pair with the next request.
+    #: A serial line keeps its port open instead: the other slaves on it need it, and the RTU
+    #: framer drops an answer from another unit id.
+    close_on_timeout = True
+
+    def __init__(self, *, unit_id: int, timeout: float, connect_timeout: float, name: str) -> None:
         self.unit_id = unit_id
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.name = name
-        self._client: AsyncModbusTcpClient | None = None
+        self._client: ModbusBaseClient | None = None
+
+    @property
+    def where(self) -> str:
+        """The link, for messages."""
+        raise NotImplementedError
 
     def __repr__(self) -> str:
-        return f"ModbusTcpTransport({self.name} {self.host}:{self.port}/{self.unit_id})"
+        return f"{type(self).__name__}({self.name} {self.where}/{self.unit_id})"
+
+    def _make_client(self) -> ModbusBaseClient:
+        """A fresh client with pymodbus's reconnects and retries off."""
+        raise NotImplementedError
+
+    def _on_connected(self, client: ModbusBaseClient) -> None:
+        """Tune the fresh link."""
 
     @property
     def connected(self) -> bool:
         client = self._client
         return client is not None and client.connected
 
-    @property
-    def tcp_nodelay(self) -> bool:
-        """Whether the socket has Nagle's algorithm off, read back from the socket."""
-        client = self._client
-        transport = client.ctx.transport if client is not None else None
-        sock = transport.get_extra_info("socket") if transport is not None else None
-        if sock is None:
-            return False
-        return bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
-
     async def connect(self) -> None:
-        """Open the connection; a no-op when connected. Raises ConnectionLost or DeviceTimeout."""
+        """Open the link; a no-op when connected. Raises ConnectionLost or DeviceTimeout."""
         if self.connected:
             return
         await self.close()
         # A fresh client per connection: nothing of a broken link's state carries over.
-        # reconnect_delay=0 disables pymodbus's reconnect task (ModbusProtocol.connection_lost
-        # only schedules one when it is non-zero) and retries=0 makes one call one request.
-        client = AsyncModbusTcpClient(
-            self.host,
-            port=self.port,
-            name=self.name,
-            reconnect_delay=0,
-            reconnect_delay_max=0,
-            timeout=self.connect_timeout,
-            retries=0,
-        )
+        client = self._make_client()
         for response_class in _FAST_RESPONSES:
             client.register(response_class)
         loop = asyncio.get_running_loop()
@@ -221,14 +215,13 @@ class ModbusTcpTransport:
             # (nobody answered) from a refusal or an unreachable network.
             if loop.time() - started >= self.connect_timeout * 0.95:
                 raise DeviceTimeout(
-                    f"{self.name}: no connection to {self.host}:{self.port} within "
-                    f"{self.connect_timeout:g} s"
+                    f"{self.name}: no connection to {self.where} within {self.connect_timeout:g} s"
                 )
-            raise ConnectionLost(f"{self.name}: cannot connect to {self.host}:{self.port}")
+            raise ConnectionLost(f"{self.name}: cannot connect to {self.where}")
         # pymodbus has one timeout for connecting and for each response; from now on it is
         # the response timeout.
         client.ctx.comm_params.timeout_connect = self.timeout
-        _set_nodelay(client.ctx.transport)
+        self._on_connected(client)
         self._client = client
 
     async def close(self) -> None:
@@ -252,11 +245,26 @@ class ModbusTcpTransport:
     ) -> None:
         await self.close()
 
-    async def read(self, table: Table, address: int, count: int) -> list[int] | list[bool]:
-        """Read ``count`` registers (ints) or bits (bools) of ``table`` from ``address``."""
+    async def read(
+        self,
+        table: Table,
+        address: int,
+        count: int,
+        *,
+        unit_id: int | None = None,
+        response_timeout: float | None = None,
+    ) -> list[int] | list[bool]:
+        """Read ``count`` registers (ints) or bits (bools) of ``table`` from ``address``.
+
+        ``unit_id`` and ``response_timeout`` override the transport's own for this request: a serial
+        line's one transport serves every slave on it, each with its own.
+        """
         client = self._client
         if client is None or not client.connected:
             raise ConnectionLost(f"{self.name}: not connected")
+        unit = self.unit_id if unit_id is None else unit_id
+        wait = self.timeout if response_timeout is None else response_timeout
+        client.ctx.comm_params.timeout_connect = wait
         if not (0 <= address <= 0xFFFF and 1 <= count <= (2000 if table.is_bits else 125)):
             raise ValueError(f"{table.value} {address}+{count} is not a valid read")
         if table is Table.HOLDING:
@@ -268,9 +276,12 @@ class ModbusTcpTransport:
         else:
             request = client.read_discrete_inputs
         try:
-            response = await request(address, count=count, device_id=self.unit_id)
+            response = await request(address, count=count, device_id=unit)
         except ModbusException as exc:
-            raise self._failed(client, exc, _describe(table, address, count)) from None
+            what = _describe(table, address, count)
+            if unit != self.unit_id:
+                what += f" of unit {unit}"
+            raise self._failed(client, exc, what, wait) from None
         except asyncio.CancelledError:
             # The request may still be answered; the next request must not get that answer.
             self._drop(client)
@@ -305,7 +316,7 @@ class ModbusTcpTransport:
         try:
             response = await client.write_registers(address, list(values), device_id=self.unit_id)
         except ModbusException as exc:
-            raise self._failed(client, exc, what) from None
+            raise self._failed(client, exc, what, self.timeout) from None
         except asyncio.CancelledError:
             self._drop(client)
             raise
@@ -323,7 +334,7 @@ class ModbusTcpTransport:
         try:
             response = await client.write_coil(address, value, device_id=self.unit_id)
         except ModbusException as exc:
-            raise self._failed(client, exc, what) from None
+            raise self._failed(client, exc, what, self.timeout) from None
         except asyncio.CancelledError:
             self._drop(client)
             raise
@@ -331,15 +342,16 @@ class ModbusTcpTransport:
             raise self._refused(response, what)
 
     def _failed(
-        self, client: AsyncModbusTcpClient, exc: ModbusException, what: str
+        self, client: ModbusBaseClient, exc: ModbusException, what: str, timeout: float
     ) -> ConnectionLost | DeviceTimeout:
-        """Close the link after a failed request and say what to raise."""
+        """Close the link after a failed request (unless it timed out on a serial line)."""
         lost = not client.connected
-        self._drop(client)
         if isinstance(exc, ModbusIOException) and not lost:
-            # retries=0: pymodbus gave up after one response timeout. The link is closed so
-            # that a late answer cannot be taken for the answer to the next request.
-            return DeviceTimeout(f"{self.name}: no answer to {what} within {self.timeout:g} s")
+            # retries=0: pymodbus gave up after one response timeout.
+            if self.close_on_timeout:
+                self._drop(client)
+            return DeviceTimeout(f"{self.name}: no answer to {what} within {timeout:g} s")
+        self._drop(client)
         if isinstance(exc, ModbusIOException | ConnectionException):
             return ConnectionLost(f"{self.name}: link lost during {what}")
         # Anything else pymodbus raises leaves the link in an unknown state.
@@ -349,10 +361,129 @@ class ModbusTcpTransport:
         code = response.exception_code
         return DeviceException(code, EXCEPTION_NAMES.get(code, f"EXCEPTION {code}"), request=what)
 
-    def _drop(self, client: AsyncModbusTcpClient) -> None:
+    def _drop(self, client: ModbusBaseClient) -> None:
         client.close()
         if self._client is client:
             self._client = None
+
+
+class ModbusTcpTransport(ClientTransport):
+    """One Modbus TCP connection to one unit id."""
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        unit_id: int,
+        timeout: float,
+        connect_timeout: float,
+        name: str,
+    ) -> None:
+        super().__init__(
+            unit_id=unit_id, timeout=timeout, connect_timeout=connect_timeout, name=name
+        )
+        self.host = host
+        self.port = port
+
+    @property
+    def where(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def __repr__(self) -> str:
+        return f"ModbusTcpTransport({self.name} {self.host}:{self.port}/{self.unit_id})"
+
+    @property
+    def tcp_nodelay(self) -> bool:
+        """Whether the socket has Nagle's algorithm off, read back from the socket."""
+        client = self._client
+        transport = client.ctx.transport if client is not None else None
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        if sock is None:
+            return False
+        return bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+    def _make_client(self) -> ModbusBaseClient:
+        # reconnect_delay=0 disables pymodbus's reconnect task (ModbusProtocol.connection_lost
+        # only schedules one when it is non-zero) and retries=0 makes one call one request.
+        return AsyncModbusTcpClient(
+            self.host,
+            port=self.port,
+            name=self.name,
+            framer=self._framer,
+            reconnect_delay=0,
+            reconnect_delay_max=0,
+            timeout=self.connect_timeout,
+            retries=0,
+        )
+
+    _framer = FramerType.SOCKET
+
+    def _on_connected(self, client: ModbusBaseClient) -> None:
+        _set_nodelay(client.ctx.transport)
+
+
+class ModbusRtuOverTcpTransport(ModbusTcpTransport):
+    """RTU frames (address, PDU, CRC; no MBAP header) over a TCP socket to a serial server."""
+
+    _framer = FramerType.RTU
+
+    def __repr__(self) -> str:
+        return f"ModbusRtuOverTcpTransport({self.name} {self.host}:{self.port}/{self.unit_id})"
+
+
+class ModbusSerialTransport(ClientTransport):
+    """One serial port, RTU or ASCII framing; shared by every slave on the line.
+
+    ``unit_id`` is only the default; the line's owner passes each slave's in ``read``.
+    """
+
+    close_on_timeout = False
+
+    def __init__(
+        self,
+        *,
+        port: str,
+        baudrate: int,
+        parity: str,
+        stopbits: int,
+        bytesize: int,
+        framing: str,
+        timeout: float,
+        connect_timeout: float,
+        name: str,
+        unit_id: int = 1,
+    ) -> None:
+        super().__init__(
+            unit_id=unit_id, timeout=timeout, connect_timeout=connect_timeout, name=name
+        )
+        if framing not in ("rtu", "ascii"):
+            raise ValueError(f"framing {framing!r} is not rtu or ascii")
+        self.port = port
+        self.baudrate = baudrate
+        self.parity = parity
+        self.stopbits = stopbits
+        self.bytesize = bytesize
+        self.framing = framing
+
+    @property
+    def where(self) -> str:
+        return f"{self.port}@{self.baudrate}/{self.bytesize}{self.parity}{self.stopbits}"
+
+    def _make_client(self) -> ModbusBaseClient:
+        return AsyncModbusSerialClient(
+            self.port,
+            framer=FramerType.ASCII if self.framing == "ascii" else FramerType.RTU,
+            baudrate=self.baudrate,
+            bytesize=self.bytesize,
+            parity=self.parity,
+            stopbits=self.stopbits,
+            name=self.name,
+            reconnect_delay=0,
+            reconnect_delay_max=0,
+            timeout=self.connect_timeout,
+            retries=0,
+        )
 
 
 def _describe(table: Table, address: int, count: int, verb: str = "") -> str:
@@ -397,6 +528,9 @@ _FC_TABLE: dict[int, Table] = {
 
 #: pymodbus's non-shared layout: (coils, discrete inputs, holding registers, input registers).
 _TABLES = (Table.COIL, Table.DISCRETE_INPUT, Table.HOLDING, Table.INPUT)
+
+
+_FRAMERS = {"socket": FramerType.SOCKET, "rtu": FramerType.RTU, "ascii": FramerType.ASCII}
 
 
 class _Responder:
@@ -494,23 +628,43 @@ class _Responder:
 
 
 class RegisterServer:
-    """A Modbus TCP server on host:port serving one or more simulated devices (by unit id).
+    """A Modbus server serving one or more simulated devices (by unit id).
+
+    By default a Modbus TCP server on host:port. ``framing="rtu"`` serves RTU frames over
+    TCP instead (a serial device server's view of its line); ``serial_port`` (a path, e.g.
+    one end of a pty pair) serves the devices as slaves on a serial line, with ``framing``
+    ``"rtu"`` or ``"ascii"``.
 
     The image pymodbus keeps of each table spans the device's ``span()``; the device is asked
     for fresh values on every request, after its faults are applied. A request to an unknown
-    unit id is answered SERVER DEVICE FAILURE by pymodbus.
+    unit id is answered SERVER DEVICE FAILURE by pymodbus (on TCP; on a serial line nobody
+    answers).
     """
 
     def __init__(
-        self, devices: Sequence[SimulatedDevice], *, host: str = "127.0.0.1", port: int = 0
+        self,
+        devices: Sequence[SimulatedDevice],
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        serial_port: str | None = None,
+        framing: Literal["socket", "rtu", "ascii"] | None = None,
+        baudrate: int = 19200,
     ) -> None:
         ids = [d.unit_id for d in devices]
         if not devices or len(set(ids)) != len(ids):
             raise ValueError(f"need one or more devices with distinct unit ids, got {ids}")
+        if framing is None:
+            framing = "rtu" if serial_port is not None else "socket"
+        if serial_port is not None and framing == "socket":
+            raise ValueError("a serial line carries rtu or ascii frames, not socket (MBAP)")
         self.devices = list(devices)
         self.host = host
         self._port = port
-        self._server: ModbusTcpServer | None = None
+        self.serial_port = serial_port
+        self.framing = framing
+        self.baudrate = baudrate
+        self._server: ModbusTcpServer | ModbusSerialServer | None = None
         self._pending: set[asyncio.Task[object]] = set()
         self.connections_accepted = 0
 
@@ -531,13 +685,30 @@ class RegisterServer:
     async def start(self) -> None:
         if self._server is not None:
             return
-        server = ModbusTcpServer(
-            [_Responder(d, self).simdevice() for d in self.devices],
-            address=(self.host, self._port),
-            ignore_missing_devices=True,
-            custom_pdu=[_ReadCoilsRequest, _ReadDiscreteInputsRequest],
-            trace_connect=self._on_connect,
-        )
+        simdevices = [_Responder(d, self).simdevice() for d in self.devices]
+        custom = [_ReadCoilsRequest, _ReadDiscreteInputsRequest]
+        server: ModbusTcpServer | ModbusSerialServer
+        if self.serial_port is not None:
+            server = ModbusSerialServer(
+                simdevices,
+                framer=_FRAMERS[self.framing],
+                port=self.serial_port,
+                baudrate=self.baudrate,
+                ignore_missing_devices=True,
+                custom_pdu=custom,  # type: ignore[arg-type]
+                trace_connect=self._on_connect,
+            )
+            where = self.serial_port
+        else:
+            server = ModbusTcpServer(
+                simdevices,
+                address=(self.host, self._port),
+                framer=_FRAMERS[self.framing],
+                ignore_missing_devices=True,
+                custom_pdu=custom,  # type: ignore[arg-type]
+                trace_connect=self._on_connect,
+            )
+            where = f"{self.host}:{self._port}"
         self._server = server
         try:
             await server.serve_forever(background=True)
@@ -545,7 +716,7 @@ class RegisterServer:
             # pymodbus logs the OSError and says only that listening failed.
             self._server = None
             await server.shutdown()  # type: ignore[no-untyped-call]
-            raise OSError(f"cannot listen on {self.host}:{self._port}") from exc
+            raise OSError(f"cannot listen on {where}") from exc
         sockets = getattr(server.transport, "sockets", None) or ()
         if sockets:
             self._port = int(sockets[0].getsockname()[1])
