@@ -11,4 +11,5 @@ BUILTIN: dict[str, str] = {
     "modbus_tcp": "drivers.modbus.driver:ModbusTcpDriver",
     "modbus_rtu": "drivers.modbus.driver:ModbusRtuDriver",
     "modbus_rtu_over_tcp": "drivers.modbus.driver:ModbusRtuOverTcpDriver",
+    "ascii_serial": "drivers.ascii_serial.driver:AsciiSerialDriver",
 }

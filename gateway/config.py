@@ -16,7 +16,7 @@ import difflib
 import re
 import types
 import unicodedata
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
@@ -26,9 +26,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_core import ErrorDetails
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from drivers.ascii_serial.config import AsciiSerialDevice, AsciiTag
+from drivers.ascii_serial.config import check_device as check_ascii_device
 from drivers.modbus.config import (
     ModbusRtuDevice,
     ModbusRtuOverTcpDevice,
+    ModbusTag,
     ModbusTcpDevice,
     check_device,
     check_serial_buses,
@@ -82,7 +85,8 @@ class BusSection(_Section):
 # the error for an unknown ``driver:`` then already names the valid values; a new driver is
 # added as ``ModbusTcpDevice | ModbusRtuDevice`` inside the Annotated.
 DeviceConfig = Annotated[
-    ModbusTcpDevice | ModbusRtuDevice | ModbusRtuOverTcpDevice, Field(discriminator="driver")
+    ModbusTcpDevice | ModbusRtuDevice | ModbusRtuOverTcpDevice | AsciiSerialDevice,
+    Field(discriminator="driver"),
 ]
 
 
@@ -842,7 +846,8 @@ def _cross_check(config: GatewayConfig, loader: _Loader, csv_failed: set[int]) -
                 f"device '{device.name}' has no tags; list them under `tags:` "
                 f"or name a CSV file in `tags_csv:`",
             )
-        for k, tag in enumerate(device.tags):
+        tags: Sequence[ModbusTag | AsciiTag] = device.tags
+        for k, tag in enumerate(tags):
             tag_loc: Loc = (*here, "tags", k)
             if problem := _name_problem("tag name", tag.name):
                 add((*tag_loc, "name"), problem)
@@ -856,15 +861,19 @@ def _cross_check(config: GatewayConfig, loader: _Loader, csv_failed: set[int]) -
                 )
             else:
                 tag_keys[key] = tag_loc
-            if tag.interval is not None and device.timeout >= tag.interval:
+            interval = getattr(tag, "interval", None)  # ASCII tags share the device's
+            if interval is not None and device.timeout >= interval:
                 add(
                     (*tag_loc, "interval"),
-                    f"interval {tag.interval:g} s must be longer than the device timeout "
+                    f"interval {interval:g} s must be longer than the device timeout "
                     f"{device.timeout:g} s; raise it or lower the device's `timeout:`",
                 )
         # Each driver adds its own checks here, keyed by its model type.
         if isinstance(device, ModbusTcpDevice | ModbusRtuDevice | ModbusRtuOverTcpDevice):
             for loc, message in check_device(device):
+                add((*here, *loc), message)
+        elif isinstance(device, AsciiSerialDevice):
+            for loc, message in check_ascii_device(device):
                 add((*here, *loc), message)
     for i, loc, message in check_serial_buses(config.devices):
         add(("devices", i, *loc), message)

@@ -249,7 +249,10 @@ def test_unknown_driver_lists_the_known_ones(tmp_path: Path) -> None:
     path = write(tmp_path, MINIMAL.replace("driver: modbus_tcp", "driver: foo"))
     issue = only(issues_of(path))
     assert (issue.line, issue.key) == (line_of(path, "driver: foo"), "devices[0].driver")
-    assert issue.message == "driver 'foo' is not one of: modbus_tcp, modbus_rtu, modbus_rtu_over_tcp"
+    assert (
+        issue.message
+        == "driver 'foo' is not one of: modbus_tcp, modbus_rtu, modbus_rtu_over_tcp, ascii_serial"
+    )
 
 
 def test_missing_driver(tmp_path: Path) -> None:
@@ -257,7 +260,8 @@ def test_missing_driver(tmp_path: Path) -> None:
     issue = only(issues_of(path))
     assert (issue.key, issue.message) == (
         "devices[0]",
-        "missing required key 'driver' (one of: modbus_tcp, modbus_rtu, modbus_rtu_over_tcp)",
+        "missing required key 'driver' "
+        "(one of: modbus_tcp, modbus_rtu, modbus_rtu_over_tcp, ascii_serial)",
     )
 
 
