@@ -23,9 +23,16 @@ __all__ = ["Describable", "Driver"]
 
 
 class Driver(Protocol):
-    name: str
-    tags: Sequence[TagSpec]
-    groups: Sequence[ReadGroup]
+    # Read-only properties, not plain attributes: drivers keep tuples, and a mutable
+    # ``Sequence`` attribute in a Protocol would reject them under strict typing.
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def tags(self) -> Sequence[TagSpec]: ...
+
+    @property
+    def groups(self) -> Sequence[ReadGroup]: ...
 
     async def connect(self) -> None: ...
 
