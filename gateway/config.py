@@ -11,9 +11,11 @@ with their own CSV line numbers. Every problem becomes a ``ConfigIssue`` like::
 
 from __future__ import annotations
 
+import copy
 import csv
 import difflib
 import re
+import sys
 import types
 import unicodedata
 from collections.abc import Iterator, Sequence
@@ -228,14 +230,18 @@ def load_config(path: str | Path) -> LoadedConfig:
             ]
         )
     csv_failed = loader.merge_csv_tags(data, path.parent)
+    # After the CSV rows, so that a CSV row overrides a profile tag like a YAML tag does.
+    # A device whose profile could not be used lacks what the profile would have given it:
+    # report the profile, not each missing key.
+    profile_failed = loader.merge_profiles(data, path.parent)
 
     try:
         config = GatewayConfig.model_validate(data)
     except ValidationError as exc:
-        loader.issues.extend(_validation_issues(exc, data, loader))
+        loader.issues.extend(_validation_issues(exc, data, loader, profile_failed))
     else:
         # Cross-checks need a typed config, so they only run once the shapes are right.
-        loader.issues.extend(_cross_check(config, loader, csv_failed))
+        loader.issues.extend(_cross_check(config, loader, csv_failed | profile_failed))
         if not loader.issues:
             return LoadedConfig(path=path, config=config)
     raise ConfigError(_ordered(loader.issues, file))
@@ -495,6 +501,196 @@ class _Loader:
             tags.append(row)
         return True
 
+    # --- profiles ---------------------------------------------------------------------------
+
+    def merge_profiles(self, data: dict[str, Any], base: Path) -> set[int]:
+        """Fill each device that names a ``profile:`` with that profile's keys and tags.
+
+        The device's own keys win; a mapping (``workarounds``) is merged key by key. The
+        device's tags are added to the profile's, and one with a profile tag's name takes that
+        tag's place. Keys that came from the profile keep the profile file's lines. Returns
+        the devices whose profile could not be used.
+        """
+        failed: set[int] = set()
+        devices = data.get("devices")
+        if not isinstance(devices, list):
+            return failed
+        dirs = [base / "profiles", *([d] if (d := builtin_profiles_dir()) else [])]
+        cache: dict[Path, tuple[dict[str, Any], SourceMap] | None] = {}
+        for i, device in enumerate(devices):
+            if not isinstance(device, dict) or "profile" not in device:
+                continue
+            here: Loc = ("devices", i)
+            name = device["profile"]
+            driver = device.get("driver")
+            model = _DRIVERS.get(driver) if isinstance(driver, str) else None
+            if model is None or "profile" not in model.model_fields:
+                # Drivers without the field (ascii_serial) still use profiles: the key is only
+                # an instruction to this loader.
+                device.pop("profile")
+            if name is None:
+                continue
+            if not isinstance(name, str) or not _PROFILE_NAME.fullmatch(name):
+                self.issue(
+                    self.locate((*here, "profile")),
+                    (*here, "profile"),
+                    f"a profile is a plain name such as eastron_sdm630 (got {_show(name)})",
+                )
+                failed.add(i)
+                continue
+            found = next((d / f"{name}.yaml" for d in dirs if (d / f"{name}.yaml").is_file()), None)
+            if found is None:
+                available = sorted({p.stem for d in dirs if d.is_dir() for p in d.glob("*.yaml")})
+                self.issue(
+                    self.locate((*here, "profile")),
+                    (*here, "profile"),
+                    f"unknown profile '{name}'{_did_you_mean(name, available)} "
+                    f"(available: {', '.join(available) or 'none'}; looked in "
+                    f"{', '.join(str(d) for d in dirs)})",
+                )
+                failed.add(i)
+                continue
+            if found not in cache:
+                cache[found] = self._read_profile(found)
+            loaded = cache[found]
+            if loaded is None or not self._apply_profile(device, here, name, *loaded):
+                failed.add(i)
+        return failed
+
+    def _read_profile(self, path: Path) -> tuple[dict[str, Any], SourceMap] | None:
+        file = str(path)
+        try:
+            text = path.read_text(encoding="utf-8-sig")
+        except (OSError, UnicodeDecodeError) as exc:
+            self.issues.append(ConfigIssue(file, None, "", f"cannot read the profile: {exc}"))
+            return None
+        sub = _Loader(file)
+        try:
+            root = sub.compose(text)
+        except ConfigError as err:
+            self.issues.extend(err.issues)
+            return None
+        data = sub.build(root, ()) if root is not None else None
+        self.issues.extend(sub.issues)
+        if not isinstance(data, dict):
+            self.issues.append(
+                ConfigIssue(file, 1, "", "a profile must be a mapping of device keys and `tags:`")
+            )
+            return None
+        for key in _PROFILE_RESERVED & data.keys():
+            self.issues.append(
+                ConfigIssue(
+                    file,
+                    sub.where[(key,)][1],
+                    key,
+                    f"a profile may not set `{key}`; every device gives its own"
+                    + ("; list the drivers it fits under `drivers:`" if key == "driver" else ""),
+                )
+            )
+            del data[key]
+        return data, sub.where
+
+    def _apply_profile(
+        self,
+        device: dict[str, Any],
+        here: Loc,
+        name: str,
+        profile: dict[str, Any],
+        where: SourceMap,
+    ) -> bool:
+        drivers = profile.get("drivers")
+        driver = device.get("driver")
+        # Without a (known) driver, validation names the driver problem itself.
+        if isinstance(drivers, list) and driver in _DRIVERS and driver not in drivers:
+            file, line = where[("drivers",)]
+            self.issue(
+                self.locate((*here, "profile")),
+                (*here, "profile"),
+                f"profile '{name}' ({file}:{line}) is for driver "
+                f"{' or '.join(map(str, drivers))}, not {driver}",
+            )
+            return False
+
+        def adopt(src: Loc, dst: Loc) -> None:
+            """Copy the profile's source map under ``src`` to the device's ``dst``."""
+            self.where.update(
+                ((*dst, *loc[len(src) :]), at)
+                for loc, at in where.items()
+                if loc[: len(src)] == src
+            )
+
+        def fill(mine: dict[str, Any], theirs: dict[str, Any], src: Loc, dst: Loc) -> None:
+            for key, value in theirs.items():
+                if key not in mine:
+                    mine[key] = copy.deepcopy(value)
+                    adopt((*src, key), (*dst, key))
+                elif isinstance(mine[key], dict) and isinstance(value, dict):
+                    fill(mine[key], value, (*src, key), (*dst, key))
+
+        keys = {k: v for k, v in profile.items() if k not in _PROFILE_META and k != "tags"}
+        fill(device, keys, (), here)
+
+        theirs = profile.get("tags")
+        if theirs is None:
+            return True
+        if not isinstance(theirs, list):
+            self.issue(where[("tags",)], ("tags",), "a profile's `tags:` must be a list")
+            return False
+        mine = device.get("tags", [])
+        if not isinstance(mine, list):
+            return True  # validation reports the device's malformed `tags:`
+        by_name: dict[str, int] = {}
+        for k, tag in enumerate(mine):
+            if isinstance(tag, dict) and isinstance(tag.get("name"), str):
+                by_name.setdefault(tag["name"], k)
+        # (source list, index) of every tag in its merged position.
+        order: list[tuple[bool, int]] = []
+        for k, tag in enumerate(theirs):
+            name_ = tag.get("name") if isinstance(tag, dict) else None
+            hit = by_name.pop(name_, None) if isinstance(name_, str) else None
+            order.append((False, hit) if hit is not None else (True, k))
+        used = {k for from_profile, k in order if not from_profile}
+        order.extend((False, k) for k in range(len(mine)) if k not in used)
+
+        tags_loc: Loc = (*here, "tags")
+        old = {loc: at for loc, at in self.where.items() if loc[: len(tags_loc)] == tags_loc}
+        for loc in old:
+            del self.where[loc]
+        self.where[tags_loc] = old.get(tags_loc, where[("tags",)])
+        merged: list[Any] = []
+        for new, (from_profile, k) in enumerate(order):
+            dst = (*tags_loc, new)
+            if from_profile:
+                merged.append(copy.deepcopy(theirs[k]))
+                adopt(("tags", k), dst)
+            else:
+                merged.append(mine[k])
+                src = (*tags_loc, k)
+                self.where.update(
+                    ((*dst, *loc[len(src) :]), at)
+                    for loc, at in old.items()
+                    if loc[: len(src)] == src
+                )
+        device["tags"] = merged
+        return True
+
+
+#: A profile's own description; never part of a device.
+_PROFILE_META = frozenset({"description", "source", "drivers"})
+#: What only a device can say: who it is, how it talks, and what else it reads.
+_PROFILE_RESERVED = frozenset({"name", "machine", "driver", "profile", "tags_csv"})
+_PROFILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def builtin_profiles_dir() -> Path | None:
+    """The shipped ``config/profiles``: beside the package in a checkout, else in the wheel's
+    share dir (as ``gateway.cli`` finds the demo config)."""
+    candidates = [
+        Path(__file__).resolve().parent.parent / "config" / "profiles",
+        Path(sys.prefix) / "share" / "retrofit-gateway" / "config" / "profiles",
+    ]
+    return next((p for p in candidates if p.is_dir()), None)
+
 
 def _line(node: Node) -> int:
     return int(node.start_mark.line) + 1
@@ -641,13 +837,20 @@ def _clean_loc(raw: tuple[str | int, ...], data: Any, missing: bool) -> tuple[Lo
 _LABELS = {"int": "a whole number", "float": "a number", "str": "text", "bool": "true or false"}
 
 
-def _validation_issues(exc: ValidationError, data: Any, loader: _Loader) -> list[ConfigIssue]:
+def _validation_issues(
+    exc: ValidationError, data: Any, loader: _Loader, failed: set[int] | None = None
+) -> list[ConfigIssue]:
+    """Issues for pydantic's errors; ``failed`` devices (whose profile could not be used,
+    already reported) get no "missing required key" on top."""
+    failed = failed or set()
     issues: list[ConfigIssue] = []
     # Errors of the members of one plain union (int | str) become one issue.
     unions: dict[Loc, tuple[list[str], Any]] = {}
     for err in exc.errors(include_url=False):
         kind = err["type"]
         loc, label = _clean_loc(err["loc"], data, kind == "missing")
+        if kind == "missing" and len(loc) == 3 and loc[0] == "devices" and loc[1] in failed:
+            continue
         if label is not None:
             unions.setdefault(loc, ([], err["input"]))[0].append(label)
             continue

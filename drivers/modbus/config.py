@@ -200,6 +200,11 @@ class _ModbusDevice(_Strict):
     tags_csv: str | None = Field(
         default=None, description="CSV register table, relative to this config file."
     )
+    profile: str | None = Field(
+        default=None,
+        description="Device profile: defaults and tags from profiles/<name>.yaml next to this "
+        "file, else the built-in config/profiles/.",
+    )
 
 
 #: Serial line addresses: 0 is broadcast (no answer) and 248..255 are reserved.

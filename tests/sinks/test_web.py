@@ -441,7 +441,7 @@ async def test_browser_page_updates_live_and_shows_a_device_going_offline(port: 
             await page.wait_for_function(
                 "([sel, old]) => document.querySelector(sel).textContent !== old",
                 arg=[clock, first],
-                timeout=5000,
+                timeout=15000,
             )
             assert await page.evaluate("window.__noReload === true")
             second = await page.text_content(clock)
@@ -453,18 +453,18 @@ async def test_browser_page_updates_live_and_shows_a_device_going_offline(port: 
             await page.wait_for_function(
                 "(sel) => document.querySelector(sel).textContent === 'OFFLINE'",
                 arg=state,
-                timeout=5000,
+                timeout=15000,
             )
             assert await page.text_content('article[data-d="lathe-1-cnc"] [data-f="state"]') == (
                 "ONLINE"
             )
             bad = 'tr[data-k="mill-1/spindle_speed"] .qb'
             await page.wait_for_function(
-                "(sel) => document.querySelector(sel).textContent === 'BAD'", arg=bad, timeout=3000
+                "(sel) => document.querySelector(sel).textContent === 'BAD'", arg=bad, timeout=10000
             )
             assert await page.is_visible('article[data-d="mill-1-cnc"] .lasterr')
             assert await page.evaluate("window.__noReload === true")
-            assert await page.is_hidden("#conn")
+            await page.wait_for_selector("#conn", state="hidden", timeout=10000)
             await page.wait_for_timeout(1100)  # let ages tick once more for the picture
             save_artifact("status-page.png", await page.screenshot(full_page=True))
 
@@ -475,7 +475,7 @@ async def test_browser_page_updates_live_and_shows_a_device_going_offline(port: 
             await phone.wait_for_function(
                 "(sel) => document.querySelector(sel).textContent === 'OFFLINE'",
                 arg=state,
-                timeout=5000,
+                timeout=15000,
             )
             # Nothing may stick out sideways on a phone.
             width = await phone.evaluate("document.documentElement.scrollWidth")
@@ -484,7 +484,7 @@ async def test_browser_page_updates_live_and_shows_a_device_going_offline(port: 
 
             # The gateway goes away: the page says so instead of showing frozen numbers.
             await rt.sink.close()
-            await page.wait_for_selector("#conn", state="visible", timeout=5000)
+            await page.wait_for_selector("#conn", state="visible", timeout=15000)
             assert errors == []
         finally:
             await browser.close()
