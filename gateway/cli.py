@@ -469,7 +469,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.log_level != "debug":
         # asyncua narrates every node it adds at INFO: thousands of lines at start-up.
         logging.getLogger("asyncua").setLevel(logging.WARNING)
-    with contextlib.suppress(KeyboardInterrupt):
+    try:
         code: int = args.func(args)
-        return code
-    return EXIT_OK
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except BrokenPipeError:
+        # `retrofit-gw check ... | head` closed the pipe: not an error of ours. Point stdout
+        # at devnull so the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+    return code
