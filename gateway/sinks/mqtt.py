@@ -61,7 +61,7 @@ import os
 import socket
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -638,13 +638,10 @@ class MqttSink:
 
     def _on_batch_per_tag(self, batch: Sequence[Reading], *, everything: bool = False) -> None:
         """Report by exception, one message per changed tag; the hot path of the sink."""
-        tags = self._tags
         tails = self._tails
         headers = self._headers
-        heartbeat = self._heartbeat
         raw = self._raw
         first = self._value_first
-        now = time.monotonic()
         parts: list[bytes] = []
         add = parts.append
         messages: list[tuple[str, bytes]] = []
@@ -652,16 +649,9 @@ class MqttSink:
         # The readings of one poll share their timestamp: format it once.
         last_ts = math.nan
         tail = ""
-        for key, value, quality, ts, reason, detail, _raw in batch:
-            tag = tags.get(key)
-            if tag is None and (tag := self._late_tag(key)) is None:
-                continue
-            if not everything and _unchanged(tag, value, quality, reason, now, heartbeat):
-                continue
-            tag.value = value
-            tag.quality = quality
-            tag.reason = reason
-            tag.sent = now
+        for tag, (_key, value, quality, ts, reason, detail, _raw) in self._to_send(
+            batch, everything
+        ):
             if ts != last_ts:
                 last_ts = ts
                 tail = (tails.get(ts) or self._tail(ts))[0]
@@ -688,22 +678,18 @@ class MqttSink:
         for topic, payload in messages:
             self._send_message(topic, payload, self._retain_values)
 
-    def _on_batch_per_device(self, batch: Sequence[Reading], *, everything: bool = False) -> None:
-        """One message per device of the batch with every changed tag (a poll is one device)."""
+    def _to_send(
+        self, batch: Sequence[Reading], everything: bool
+    ) -> Iterator[tuple[_Tag, Reading]]:
+        """The readings of ``batch`` to publish, each with its tag's state already updated.
+
+        One place for report by exception, whatever the topic shape.
+        """
         tags = self._tags
-        tails = self._tails
         heartbeat = self._heartbeat
         now = time.monotonic()
-        good = Quality.GOOD
-        # device -> [items]; a batch is one poll of one device, so the lookup is rare.
-        groups: dict[str, list[str]] = {}
-        newest: dict[str, float] = {}
-        device = ""
-        items: list[str] = []
-        top = 0.0  # newest source_ts of the current device
-        last_ts = math.nan
-        ms = ""
-        for key, value, quality, ts, reason, detail, _raw in batch:
+        for reading in batch:
+            key, value, quality, _ts, reason, _detail, _raw = reading
             tag = tags.get(key)
             if tag is None and (tag := self._late_tag(key)) is None:
                 continue
@@ -713,6 +699,23 @@ class MqttSink:
             tag.quality = quality
             tag.reason = reason
             tag.sent = now
+            yield tag, reading
+
+    def _on_batch_per_device(self, batch: Sequence[Reading], *, everything: bool = False) -> None:
+        """One message per device of the batch with every changed tag (a poll is one device)."""
+        tails = self._tails
+        good = Quality.GOOD
+        # device -> [items]; a batch is one poll of one device, so the lookup is rare.
+        groups: dict[str, list[str]] = {}
+        newest: dict[str, float] = {}
+        device = ""
+        items: list[str] = []
+        top = 0.0  # newest source_ts of the current device
+        last_ts = math.nan
+        ms = ""
+        for tag, (_key, value, quality, ts, reason, detail, _raw) in self._to_send(
+            batch, everything
+        ):
             if ts != last_ts:
                 last_ts = ts
                 ms = (tails.get(ts) or self._tail(ts))[1]
