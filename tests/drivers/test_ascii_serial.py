@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -24,6 +23,7 @@ from gateway.errors import ConnectionLost, DeviceTimeout
 from gateway.model import Quality, Reason
 from gateway.runner import Backoff, DeviceRunner
 from gateway.status import DeviceStatus
+from tests.ptys import PtyPair
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -39,26 +39,12 @@ async def _join_executor_threads() -> AsyncIterator[None]:
 @pytest.fixture
 def ptys(tmp_path: Path) -> Iterator[tuple[str, str]]:
     """Two linked ptys: (instrument end, driver end)."""
-    a, b = tmp_path / "instrument", tmp_path / "gateway"
-    proc = subprocess.Popen(
-        ["/usr/bin/socat", f"pty,raw,echo=0,link={a}", f"pty,raw,echo=0,link={b}"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    pair = PtyPair(tmp_path)
+    pair.start()
     try:
-        deadline = time.monotonic() + 5
-        while not (a.exists() and b.exists()):
-            assert proc.poll() is None, "socat exited"
-            assert time.monotonic() < deadline, "socat made no ptys within 5 s"
-            time.sleep(0.01)
-        yield str(a), str(b)
+        yield pair.a, pair.b
     finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        pair.stop()
 
 
 ADAM_REGEX = r"(?P<ch0>[+-]\d+\.\d+)(?P<ch1>[+-]\d+\.\d+)(?P<ch2>[+-]\d+\.\d+)"
