@@ -14,12 +14,12 @@ A driver is one logical device. It is scheduled, timed out, retried and counted 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol, runtime_checkable
 
 from gateway.model import RawSample, ReadGroup, TagSpec
 
-__all__ = ["Describable", "Driver"]
+__all__ = ["Describable", "Diagnosable", "Driver"]
 
 
 class Driver(Protocol):
@@ -50,3 +50,14 @@ class Describable(Protocol):
     """A driver that can explain its read plan, logged once at start-up."""
 
     def describe_plan(self) -> list[str]: ...
+
+
+@runtime_checkable
+class Diagnosable(Protocol):
+    """A driver that reports on its line (serial port settings, latency timer, bus counters).
+
+    Called whenever the status page or the API shows the device, so it must be cheap and
+    must not touch the device.
+    """
+
+    def details(self) -> Mapping[str, object]: ...

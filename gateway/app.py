@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import drivers
-from drivers.base import Describable, Driver
+from drivers.base import Describable, Diagnosable, Driver
 from gateway.bus import Bus, Subscription
 from gateway.config import GatewayConfig, LoadedConfig
 from gateway.model import Reading, TagSpec
-from gateway.runner import RETRIABLE, DeviceRunner
+from gateway.runner import RETRIABLE, Backoff, DeviceRunner
 from gateway.sinks.base import Sink
 from gateway.status import DeviceStatus
 
@@ -105,8 +105,18 @@ class Gateway:
             self.bus.register(driver.tags, now)
             self.drivers.append(driver)
             self.statuses[device.name] = status
+            if isinstance(driver, Diagnosable):
+                status.details = driver.details
+            brk = cfg.breaker
             self.runners.append(
-                DeviceRunner(driver, self.bus, status, connect_timeout=device.connect_timeout)
+                DeviceRunner(
+                    driver,
+                    self.bus,
+                    status,
+                    connect_timeout=device.connect_timeout,
+                    backoff=Backoff(base=brk.open_min, cap=brk.open_max),
+                    failures_to_open=brk.failures,
+                )
             )
         # Drivers keep what they compiled; release the validated tag models (see driver docs).
         slim = [d.model_copy(update={"tags": []}) for d in cfg.devices]

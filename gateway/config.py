@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import ErrorDetails
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
@@ -81,6 +81,35 @@ class BusSection(_Section):
     queue_size: int = Field(
         default=1000, ge=1, le=1_000_000, description="Batches buffered per subscriber queue."
     )
+
+
+class BreakerSection(_Section):
+    """When the runner stops polling a failing device, and how often it probes it again."""
+
+    failures: int = Field(
+        default=3,
+        ge=1,
+        le=100,
+        description="Failed polls in a row that open a device's breaker (stop polling it).",
+    )
+    open_min: float = Field(
+        default=1.0,
+        gt=0,
+        le=3600,
+        description="Seconds the breaker stays open the first time (jittered: half to all).",
+    )
+    open_max: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="Cap in seconds: the open time doubles per failed probe up to this.",
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> BreakerSection:
+        if self.open_min > self.open_max:
+            raise ValueError("open_min must not be larger than open_max")
+        return self
 
 
 # A discriminated union on ``driver``. pydantic accepts a discriminator on a single model, and
@@ -167,6 +196,7 @@ class GatewayConfig(_Section):
     version: Literal[1] = 1
     gateway: GatewaySection
     bus: BusSection = BusSection()
+    breaker: BreakerSection = BreakerSection()
     mqtt: MqttSection | None = None
     opcua: OpcUaSection | None = None
     web: WebSection | None = None

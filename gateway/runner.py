@@ -1,8 +1,16 @@
 """The device runner: owns time, retries and counting for one driver.
 
 Drivers do one poll per call and nothing else. Here live the fixed-rate schedule, overrun
-skipping, the poll timeout, jittered exponential backoff on failure, log-once/recover-once,
-and the per-device counters. Library reconnect loops are off; this is the one retry policy.
+skipping, the poll timeout, the circuit breaker with jittered exponential backoff,
+log-once/recover-once, and the per-device counters. Library reconnect loops are off; this is
+the one retry policy.
+
+The breaker: a failed poll (or connect) marks the device's tags Bad at once, and the next
+attempt comes at the next poll slot. After ``failures`` failures in a row the breaker opens:
+the device is skipped for a backoff time (doubling up to a cap, with jitter), then probed
+once (half open). A probe that succeeds closes the breaker; one that fails opens it again
+for longer. A powered-off slave on a shared RS-485 bus therefore costs the other devices
+``failures`` timeouts, then one per backoff period, not one per cycle.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ from gateway.errors import DeviceError
 from gateway.logutil import OnceLogger
 from gateway.model import Quality, Reading, Reason
 from gateway.normalize import DeviceNormalizer, bad
-from gateway.status import DeviceState, DeviceStatus
+from gateway.status import BreakerState, DeviceState, DeviceStatus
 
 __all__ = ["Backoff", "DeviceRunner"]
 
@@ -94,6 +102,7 @@ class DeviceRunner:
         *,
         connect_timeout: float,
         backoff: Backoff | None = None,
+        failures_to_open: int = 3,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
         phase: float | None = None,
@@ -103,6 +112,10 @@ class DeviceRunner:
         self.status = status
         self.connect_timeout = connect_timeout
         self.backoff = backoff or Backoff()
+        self.failures_to_open = max(1, failures_to_open)
+        # The shortest interval is one poll slot: the retry delay below the breaker's
+        # threshold, and the unit in which skipped polls are counted while it is open.
+        self._slot = min((g.interval for g in driver.groups), default=1.0)
         self._clock = clock
         self._wall = wall
         self._once = OnceLogger(log, f"device {driver.name}")
@@ -150,8 +163,10 @@ class DeviceRunner:
             st.last_error_ts = ts
         else:
             st.good_polls += 1
-        if st.state is not DeviceState.ONLINE:
+        if st.state is not DeviceState.ONLINE or st.breaker is not BreakerState.CLOSED:
             st.state = DeviceState.ONLINE
+            st.breaker = BreakerState.CLOSED
+            st.next_probe_ts = None
             self._once.recovered()
             self.bus.notify_status()
         self.backoff.reset()
@@ -194,14 +209,40 @@ class DeviceRunner:
                         await self.connect()
                     except RETRIABLE as exc:
                         await self.fail(exc)
-                        await _sleep_or_stop(stop, self.backoff.next())
+                        await self._wait_after_failure(stop)
                         continue
                 if not await self._poll_schedule(stop, groups):
-                    await _sleep_or_stop(stop, self.backoff.next())
+                    await self._wait_after_failure(stop)
         finally:
             self.status.state = DeviceState.STOPPED
             self.bus.notify_status()
             await self._close_quietly()
+
+    async def _wait_after_failure(self, stop: asyncio.Event) -> None:
+        """Below the threshold wait one slot; at it (or after a failed probe) open the breaker."""
+        st = self.status
+        if st.breaker is BreakerState.CLOSED and st.consecutive_failures < self.failures_to_open:
+            await _sleep_or_stop(stop, self._slot)
+            return
+        if st.breaker is BreakerState.CLOSED:
+            st.breaker_trips += 1
+            log.info(
+                "device %s: breaker open after %d failures in a row",
+                self.driver.name,
+                st.consecutive_failures,
+            )
+        delay = self.backoff.next()
+        st.breaker = BreakerState.OPEN
+        st.next_probe_ts = self._wall() + delay
+        self.bus.notify_status()
+        start = self._clock()
+        stopped = await _sleep_or_stop(stop, delay)
+        st.skipped_polls += int((self._clock() - start) / self._slot)
+        st.next_probe_ts = None
+        if not stopped:
+            st.breaker = BreakerState.HALF_OPEN
+            st.probes += 1
+            self.bus.notify_status()
 
     async def _poll_schedule(self, stop: asyncio.Event, groups: Sequence[object]) -> bool:
         """Poll on fixed-rate deadlines until stop or a failure. Returns False on failure."""

@@ -33,6 +33,7 @@ from drivers.ascii_serial.framing import (
 )
 from drivers.ascii_serial.parse import FieldRef, FrameParser, NotAFrame, ValueType
 from drivers.ascii_serial.transport import SerialLink
+from drivers.latency_timer import LatencyTimer, tune_latency_timer
 from gateway.errors import ConnectionLost, DeviceError, DeviceTimeout
 from gateway.model import RawSample, ReadGroup, Reason, TagSpec
 
@@ -129,6 +130,7 @@ class AsciiSerialDriver:
         self._arrived = asyncio.Event()
         self._reader: asyncio.Task[None] | None = None
         self._reader_error: DeviceError | None = None
+        self._latency: LatencyTimer | None = None
 
     # -- introspection -------------------------------------------------------------------
 
@@ -137,6 +139,16 @@ class AsciiSerialDriver:
         """frames (good), checksum_errors, garbage, echoes, timeouts since start-up."""
         out = dict(self._counts)
         out["garbage"] += self._framer.garbage
+        return out
+
+    def details(self) -> dict[str, object]:
+        d = self.device
+        out: dict[str, object] = {
+            "line": f"{d.port} {d.baudrate} {d.bytesize}{d.parity}{d.stopbits:g}",
+            **self.counters,
+        }
+        if self._latency is not None:
+            out.update(self._latency.as_dict())
         return out
 
     def describe_plan(self) -> list[str]:
@@ -156,6 +168,8 @@ class AsciiSerialDriver:
     async def connect(self) -> None:
         await self.close()
         self._framer = Framer(**self._framer_args)  # type: ignore[arg-type]
+        # Every open, not once: a re-plugged USB adapter comes back with its 16 ms default.
+        self._latency = tune_latency_timer(self.device.port)
         await self.link.open()
         if self.device.mode == "stream":
             self._latest = self._failure = None

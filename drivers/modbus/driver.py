@@ -17,6 +17,7 @@ import logging
 from collections.abc import Hashable, Sequence
 from typing import cast
 
+from drivers.latency_timer import LatencyTimer, tune_latency_timer
 from drivers.modbus.config import (
     DataType,
     ModbusDevice,
@@ -277,6 +278,17 @@ class ModbusTcpDriver(_ModbusDriver):
                 await self.transport.close()
 
 
+class _TunedSerialTransport(ModbusSerialTransport):
+    """A serial line whose USB adapter's latency timer is lowered at every (re)open."""
+
+    latency: LatencyTimer | None = None
+
+    async def connect(self) -> None:
+        # A re-plugged adapter comes back with the 16 ms default, so not just the first time.
+        self.latency = tune_latency_timer(self.port)
+        await super().connect()
+
+
 class _SharedLineDriver(_ModbusDriver):
     """A slave on a shared serial line: every request goes through the line's PortOwner."""
 
@@ -340,6 +352,20 @@ class _SharedLineDriver(_ModbusDriver):
             raise ConnectionLost(f"{self.name}: not connected")
         return await self._read_group(group)
 
+    def details(self) -> dict[str, object]:
+        out: dict[str, object] = {"line": self._line_name()}
+        owner = self._owner
+        if owner is not None:
+            out["line_devices"] = owner.refs
+            out["line_transactions"] = owner.transactions
+            link = owner.link
+            if isinstance(link, _TunedSerialTransport) and link.latency is not None:
+                out.update(link.latency.as_dict())
+        return out
+
+    def _line_name(self) -> str:
+        raise NotImplementedError
+
     async def _transfer(self, request: Request) -> list[int] | list[bool]:
         owner = self._owner
         if owner is None:
@@ -377,9 +403,13 @@ class ModbusRtuDriver(_SharedLineDriver):
         settings = (d.baudrate, d.parity, d.stopbits, d.bytesize, d.framing)
         return ("serial", d.port), d.baudrate, settings, d.turnaround_gap
 
+    def _line_name(self) -> str:
+        d = self.device
+        return f"{d.port} {d.baudrate} {d.bytesize}{d.parity}{d.stopbits} {d.framing}"
+
     def _make_link(self) -> ClientTransport:
         d = self.device
-        return ModbusSerialTransport(
+        return _TunedSerialTransport(
             port=d.port,
             baudrate=d.baudrate,
             parity=d.parity,
@@ -407,6 +437,9 @@ class ModbusRtuOverTcpDriver(_SharedLineDriver):
         d = self.device
         # The device server times its own line; the baud rate is not ours to know.
         return ("tcp", d.host.lower(), d.port), None, None, 0.0
+
+    def _line_name(self) -> str:
+        return f"{self.device.host}:{self.device.port} (serial device server)"
 
     def _make_link(self) -> ClientTransport:
         d = self.device

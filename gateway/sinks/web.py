@@ -63,9 +63,6 @@ log = logging.getLogger("gateway.sinks.web")
 TICK_S = 1.0
 #: /healthz: the shortest window in which some device must have finished a poll attempt.
 MIN_STALL_S = 10.0
-#: The cap of ``gateway.runner.Backoff``: an offline device may wait this long between two
-#: connect attempts. Sinks may not import the runner, hence the copy.
-BACKOFF_CAP_S = 30.0
 #: Concurrent SSE streams; each costs a little CPU every second, a phone per machine is fine.
 MAX_STREAMS = 32
 #: Past this many tags the machine sections start collapsed: a 10k-row page is unreadable.
@@ -133,6 +130,18 @@ class DeviceOut(BaseModel):
     overruns: int = Field(description="Poll slots skipped because a poll ran late.")
     connects: int
     consecutive_failures: int
+    breaker: Literal["closed", "open", "half_open"] = Field(
+        description="closed: polled; open: skipped after repeated failures until the next "
+        "probe; half_open: one probe under way."
+    )
+    breaker_trips: int = Field(description="Times the breaker opened.")
+    skipped_polls: int = Field(description="Poll slots skipped while the breaker was open.")
+    probes: int = Field(description="Probes made while the breaker was half open.")
+    next_probe_ts: float | None = Field(description="Epoch seconds of the next probe (open).")
+    details: dict[str, Any] = Field(
+        description="What the driver reports on its line: serial settings, the USB adapter's "
+        "latency timer, bus counters; empty for drivers that report nothing."
+    )
 
 
 class TagOut(BaseModel):
@@ -241,7 +250,34 @@ def _device_row(st: DeviceStatus) -> dict[str, object]:
         "lets": st.last_error_ts,
         "dur": _fmt_duration(st.last_duration),
         "over": st.overruns,
+        "brk": st.breaker.value,
+        "np": st.next_probe_ts,
+        "trips": st.breaker_trips,
+        "skip": st.skipped_polls,
+        "line": _fmt_line(st.details()),
     }
+
+
+def _fmt_breaker(state: str, trips: int, next_probe: float | None, now: float) -> str:
+    """The breaker as the page shows it; page.js has the same rule for live updates."""
+    text = {"closed": "closed", "open": "OPEN", "half_open": "probing"}[state]
+    if state == "open" and next_probe is not None:
+        text += f" · probe in {max(0, math.ceil(next_probe - now))} s"
+    if not trips:
+        return text
+    return f"{text} ({trips} trip{'' if trips == 1 else 's'})"
+
+
+def _fmt_line(details: Mapping[str, object]) -> list[object]:
+    """[line text, latency note or "", latency ok] for the device card's Line row."""
+    if not details:
+        return []
+    note = details.get("latency_timer_note")
+    return [
+        str(details.get("line", "")),
+        "" if note is None else f"latency timer {note}",
+        details.get("latency_timer_ok", True) is not False,
+    ]
 
 
 _REASON_JSON = {r: _dumps(r.value) for r in Reason}
@@ -679,8 +715,8 @@ class WebSink:
         no device has finished a poll attempt (success *or* failure) recently. A dead device
         still fails its attempts on schedule, so it is not a broken runtime. "Recently" is
         ``max(10 s, 3 x the largest tag interval)`` after the device's last attempt (or the
-        gateway start, before its first), plus 30 s for a device that is offline, because
-        its reconnect backoff grows up to 30 s between attempts.
+        gateway start, before its first), plus ``breaker.open_max`` for a device that is
+        offline, because its open breaker may wait that long between two probes.
         """
         if self.stopping:
             return "the gateway is shutting down"
@@ -691,9 +727,10 @@ class WebSink:
             return "the gateway is shutting down"
         window = self.stall_window
         started = self.runtime.started_at
+        backoff_cap = self.runtime.config.breaker.open_max
         for st in statuses:
             last = max(st.last_success_ts or started, st.last_error_ts or started)
-            allowed = window + (BACKOFF_CAP_S if st.state is DeviceState.OFFLINE else 0.0)
+            allowed = window + (backoff_cap if st.state is DeviceState.OFFLINE else 0.0)
             if now - last <= allowed:
                 return None
         return f"no device has finished a poll attempt in the last {window:.0f} s"
@@ -996,6 +1033,42 @@ class WebSink:
             "overruns",
         )
         per_device("retrofit_gw_device_connects_total", "counter", "Connect attempts.", "connects")
+        m.family(
+            "retrofit_gw_device_breaker_state",
+            "gauge",
+            "1 for the breaker's current state (closed, open, half_open), 0 for the others.",
+            [
+                (f'{labels[st.name]},state="{state}"', st.breaker.value == state)
+                for st in statuses
+                for state in ("closed", "open", "half_open")
+            ],
+        )
+        per_device(
+            "retrofit_gw_device_breaker_trips_total",
+            "counter",
+            "Times the breaker opened after repeated failures.",
+            "breaker_trips",
+        )
+        per_device(
+            "retrofit_gw_device_skipped_polls_total",
+            "counter",
+            "Poll slots skipped while the breaker was open.",
+            "skipped_polls",
+        )
+        per_device(
+            "retrofit_gw_device_probes_total", "counter", "Probes of an open breaker.", "probes"
+        )
+        latency = []
+        for st in statuses:
+            ms = st.details().get("latency_timer_ms")
+            if isinstance(ms, int):
+                latency.append((labels[st.name], ms))
+        m.family(
+            "retrofit_gw_serial_latency_timer_ms",
+            "gauge",
+            "The USB serial adapter's latency timer (1 is best; 16 caps a bus near 60 req/s).",
+            latency,
+        )
         per_device(
             "retrofit_gw_device_last_success_timestamp_seconds",
             "gauge",
@@ -1211,6 +1284,17 @@ class WebSink:
         duration = _fmt_duration(st.last_duration)
         polls = f"{st.good_polls} / {st.polls}"
         errors = _fmt_errors(st.errors)
+        breaker = _fmt_breaker(st.breaker.value, st.breaker_trips, st.next_probe_ts, now)
+        line = _fmt_line(st.details())
+        line_row = ""
+        if line:
+            text, note, ok = line
+            warn = "" if ok else " warn"
+            line_row = (
+                f'<div class="wide{warn}" data-f="line"><dt>Line</dt>'
+                f'<dd class="mono">{e(str(text))}</dd>'
+                f'<dd class="note">{e(str(note))}</dd></div>'
+            )
         return (
             f'<article class="dev" data-d="{e(st.name)}">'
             '<header class="devhead"><div>'
@@ -1223,7 +1307,10 @@ class WebSink:
             f'<div><dt>Last poll</dt><dd data-f="dur">{e(duration)}</dd></div>'
             f'<div><dt>Polls ok / all</dt><dd data-f="polls">{polls}</dd></div>'
             f'<div><dt>Overruns</dt><dd data-f="over">{st.overruns}</dd></div>'
+            f'<div><dt>Breaker</dt><dd data-f="brk">{e(breaker)}</dd></div>'
+            f'<div><dt>Skipped polls</dt><dd data-f="skip">{st.skipped_polls}</dd></div>'
             f'<div class="wide"><dt>Errors</dt><dd data-f="errors">{e(errors)}</dd></div>'
+            f"{line_row}"
             "</dl>"
             f'<p class="lasterr" data-f="le"{"" if err else " hidden"}>{e(err)}</p>'
         )

@@ -209,6 +209,10 @@ async def test_api_against_the_real_server(port: int) -> None:
         assert metrics[f"retrofit_gw_device_up{{{labels}}}"] == 1
         assert f"retrofit_gw_device_last_poll_duration_seconds{{{labels}}}" in metrics
         assert metrics[f"retrofit_gw_device_overruns_total{{{labels}}}"] == 0
+        assert metrics[f'retrofit_gw_device_breaker_state{{{labels},state="closed"}}'] == 1
+        assert metrics[f'retrofit_gw_device_breaker_state{{{labels},state="open"}}'] == 0
+        assert metrics[f"retrofit_gw_device_breaker_trips_total{{{labels}}}"] == 0
+        assert metrics[f"retrofit_gw_device_skipped_polls_total{{{labels}}}"] == 0
         assert metrics["retrofit_gw_bus_published_values_total"] > 0
         assert metrics['retrofit_gw_bus_dropped_batches_total{subscriber="web"}'] == 0
         assert "# TYPE retrofit_gw_device_polls_total counter" in r.text
@@ -463,6 +467,17 @@ async def test_browser_page_updates_live_and_shows_a_device_going_offline(port: 
                 "(sel) => document.querySelector(sel).textContent === 'BAD'", arg=bad, timeout=10000
             )
             assert await page.is_visible('article[data-d="mill-1-cnc"] .lasterr')
+            # Refused connections in a row open the mill's breaker; the page counts down.
+            brk = 'article[data-d="mill-1-cnc"] [data-f="brk"]'
+            await page.wait_for_function(
+                "(sel) => /^OPEN · probe in \\d+ s \\(1 trip\\)$/"
+                ".test(document.querySelector(sel).textContent)",
+                arg=brk,
+                timeout=15000,
+            )
+            assert await page.text_content('article[data-d="lathe-1-cnc"] [data-f="brk"]') == (
+                "closed"
+            )
             assert await page.evaluate("window.__noReload === true")
             await page.wait_for_selector("#conn", state="hidden", timeout=10000)
             await page.wait_for_timeout(1100)  # let ages tick once more for the picture

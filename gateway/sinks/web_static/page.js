@@ -21,7 +21,7 @@
   for (const el of document.querySelectorAll("article[data-d]")) {
     const f = {};
     for (const x of el.querySelectorAll("[data-f]")) f[x.dataset.f] = x;
-    devices.set(el.dataset.d, { el, f, ls: null, lets: null, le: "" });
+    devices.set(el.dataset.d, { el, f, ls: null, lets: null, le: "", brk: null });
   }
   const sinks = new Map();
   for (const el of document.querySelectorAll("[data-sink]")) sinks.set(el.dataset.sink, el);
@@ -65,6 +65,16 @@
     setText(r.age, ts === null ? "—" : fmtAge(now() - ts));
   }
 
+  // The same rule as _fmt_breaker in web.py.
+  function breakerText(b) {
+    let text = { closed: "closed", open: "OPEN", half_open: "probing" }[b.brk] || b.brk;
+    if (b.brk === "open" && b.np !== null) {
+      text += " · probe in " + Math.max(0, Math.ceil(b.np - now())) + " s";
+    }
+    if (!b.trips) return text;
+    return text + " (" + b.trips + (b.trips === 1 ? " trip)" : " trips)");
+  }
+
   function lastError(d) {
     if (!d.le) return "";
     return (d.lets === null ? "" : fmtAge(now() - d.lets) + ": ") + d.le;
@@ -86,6 +96,18 @@
     setText(f.polls, d.good + " / " + d.polls);
     setText(f.over, String(d.over));
     setText(f.errors, d.errors);
+    dev.brk = { brk: d.brk, np: d.np, trips: d.trips };
+    if (f.brk) {
+      setText(f.brk, breakerText(dev.brk));
+      f.brk.classList.toggle("warntext", d.brk !== "closed");
+    }
+    setText(f.skip, String(d.skip));
+    if (f.line && d.line.length) {
+      const dds = f.line.querySelectorAll("dd");
+      setText(dds[0], d.line[0]);
+      setText(dds[1], d.line[1]);
+      f.line.classList.toggle("warn", !d.line[2]);
+    }
     f.le.hidden = !d.le;
     setText(f.le, lastError(d));
   }
@@ -132,6 +154,7 @@
     for (const d of devices.values()) {
       if (d.ls !== null) setText(d.f.ls, fmtAge(t - d.ls));
       if (d.le) setText(d.f.le, lastError(d));
+      if (d.brk && d.brk.brk === "open" && d.f.brk) setText(d.f.brk, breakerText(d.brk));
     }
     // A stream can stall without an error (a dead Wi-Fi link): say so after a few seconds.
     if (lastMsg && Date.now() - lastMsg > 5000) banner.hidden = false;
