@@ -16,13 +16,13 @@ Two measurements, one JSON line each:
    19200 baud, else 1.75 ms (protocol-limits.md §1.2). The rate is (completions - 1) over the
    time from the first completion to the last, so a 3 tx/s point is not rounded to whole
    transactions.
-2. ``dead_slave``: five unit ids on one 19200-baud bus, each with its own ``DeviceRunner``
-   (default backoff), reading 10 registers every ``--interval`` with a ``--timeout``
-   response timeout; the slave serves units 1-4 and ignores unit 5. Run once with units 1-4
-   only and once with all five; reports the healthy devices' good polls/s, overruns and worst
-   poll duration after a 1 s warm-up (every runner polls at once on start), and what the
-   dead unit cost over the whole run: its timeouts, its backoff periods (one per failure),
-   and the requests the slave saw for it (from the slave's own counters).
+2. ``dead_slave``: five unit ids on one 19200-baud bus, each with its own ``DeviceRunner`` (the
+   default breaker: open after 3 failures, 1 s doubling to 30 s), reading 10 registers every
+   ``--interval`` with a ``--timeout`` response timeout; the slave serves units 1-4 and ignores
+   unit 5. Run once with units 1-4 only and once with all five; reports the healthy devices'
+   good polls/s, overruns and worst poll duration after a 1 s warm-up (every runner polls at
+   once on start), and what the dead unit cost over the whole run: its timeouts, breaker trips
+   and probes, and the requests the slave saw for it (from the slave's own counters).
 
 Then a markdown table on stderr. Runs in about a minute.
 
@@ -41,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -49,8 +50,9 @@ from drivers.base import Driver
 from drivers.modbus.config import ModbusRtuDevice
 from drivers.modbus.driver import ModbusRtuDriver
 from gateway.bus import Bus
+from gateway.config import BreakerSection
 from gateway.model import Reason
-from gateway.runner import DeviceRunner
+from gateway.runner import Backoff, DeviceRunner
 from gateway.status import DeviceStatus
 
 SOCAT = "/usr/bin/socat"
@@ -223,11 +225,19 @@ async def run_line(
     bus = Bus()
     stop = asyncio.Event()
     statuses = [DeviceStatus(d.name, d.name, d.kind, d.endpoint) for d in drivers]
-    # Default phases (spread by name) and default backoff: what the gateway runs.
+    # Default phases (spread by name) and the default breaker: what the gateway runs.
+    brk = BreakerSection()
     runners = [
         # cast: mypy holds the Driver protocol's mutable Sequence attributes invariant against
         # the drivers' tuples; the gateway meets no such check, its registry is untyped.
-        DeviceRunner(cast("Driver", d), bus, s, connect_timeout=1.0)
+        DeviceRunner(
+            cast("Driver", d),
+            bus,
+            s,
+            connect_timeout=1.0,
+            backoff=Backoff(base=brk.open_min, cap=brk.open_max),
+            failures_to_open=brk.failures,
+        )
         for d, s in zip(drivers, statuses, strict=True)
     ]
     slave = SlaveProcess(slave_port, 19200, served, 0.0)
@@ -256,6 +266,7 @@ async def run_line(
         "healthy_expected_polls_per_s": round(len(healthy) / args.interval, 2),
         "healthy_overruns": sum(o for o, ok in zip(overruns, is_healthy, strict=True) if ok),
         "healthy_errors": sum(sum(s.errors.values()) for s in healthy),
+        "healthy_error_kinds": dict(sum((s.errors for s in healthy), Counter())),
         "healthy_max_poll_ms": round(max(s.max_duration for s in healthy) * 1000, 1),
     }
     if dead:
@@ -267,10 +278,16 @@ async def run_line(
             {
                 "dead_timeouts": st.errors.get("timeout", 0),
                 "dead_failures": failures,
-                # Every failure is followed by one backoff sleep (runner.run).
-                "dead_backoff_periods": failures,
+                "breaker_failures_to_open": brk.failures,
+                "dead_breaker_trips": st.breaker_trips,
+                # Each open period ends with one probe.
+                "dead_probes": st.probes,
+                "dead_skipped_polls": st.skipped_polls,
                 "dead_requests_seen_by_slave": requests,
-                "dead_requests_per_backoff_period": round(requests / max(failures, 1), 2),
+                # What the breaker promises: after the threshold, one request per open period.
+                "dead_requests_after_threshold_per_probe": round(
+                    (requests - brk.failures) / max(st.probes, 1), 2
+                ),
                 "dead_connects": st.connects,
             }
         )
@@ -313,14 +330,15 @@ def table(points: Sequence[dict[str, Any]]) -> str:
 async def main(args: argparse.Namespace) -> None:
     points: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp, pty_pair(Path(tmp)) as (port, slave_port):
-        for baud in BAUDS:
+        for baud in BAUDS if not args.dead_only else ():
             for n in COUNTS:
                 point = await throughput(port, slave_port, baud, n, args.turnaround, args.seconds)
                 print(json.dumps(point), flush=True)
                 points.append(point)
         if args.dead_seconds > 0:
             print(json.dumps(await dead_slave(port, slave_port, args)), flush=True)
-    print(table(points), file=sys.stderr)
+    if points:
+        print(table(points), file=sys.stderr)
 
 
 if __name__ == "__main__":
@@ -329,6 +347,7 @@ if __name__ == "__main__":
     parser.add_argument("--turnaround", type=float, default=0.0, help="slave turnaround, s")
     parser.add_argument("--dead-seconds", type=float, default=10.0, help="per dead-slave run")
     parser.add_argument("--interval", type=float, default=0.2, help="dead-slave poll interval")
+    parser.add_argument("--dead-only", action="store_true", help="skip the throughput points")
     parser.add_argument("--timeout", type=float, default=0.2, help="dead-slave response timeout")
     # The dead unit's failures are logged once by the runner; the JSON has the counts.
     logging.basicConfig(level=logging.ERROR)
