@@ -62,11 +62,12 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 from gateway.bus import Subscription
 from gateway.config import MqttSection
@@ -76,7 +77,7 @@ from gateway.runner import Backoff
 from gateway.sinks.base import RuntimeView
 from gateway.status import DeviceState, DeviceStatus
 
-__all__ = ["MqttSink", "value_json"]
+__all__ = ["LinkUser", "MqttLink", "MqttSink", "Will", "value_json", "wait_until"]
 
 log = logging.getLogger("gateway.sinks.mqtt")
 
@@ -228,6 +229,9 @@ class _Client(mqtt.Client):
     """paho's client, handed a TCP connection that asyncio made (paho's connect blocks)."""
 
     next_socket: socket.socket | None = None
+    #: Called with the packet id of every PUBACK; True means it was one of our raw QoS 1
+    #: packets (paho never saw them, so its own bookkeeping must not run).
+    raw_acked: Callable[[int], bool] | None = None
 
     def _create_socket_connection(self) -> socket.socket:
         sock, self.next_socket = self.next_socket, None
@@ -235,157 +239,148 @@ class _Client(mqtt.Client):
             raise ConnectionError("no connected socket to hand to paho")
         return sock
 
+    def _handle_pubackcomp(self, cmd: Any) -> MQTTErrorCode:
+        hook = self.raw_acked
+        if hook is not None and cmd == "PUBACK":
+            # The variable header starts with the packet id (MQTT 3.1.1 §3.4.2).
+            mid = int.from_bytes(self._in_packet["packet"][:2], "big")
+            if hook(mid):
+                return MQTTErrorCode.MQTT_ERR_SUCCESS
+        return super()._handle_pubackcomp(cmd)
+
 
 class _Refused(Exception):
     """The broker answered CONNACK with an error, or closed before answering."""
 
 
-#: A message queued while disconnected: a ready QoS 0 packet, or (topic, payload, retain).
-_Queued = bytes | tuple[str, bytes, bool]
+class LinkUser(Protocol):
+    """What a sink on an :class:`MqttLink` hears from it; every call runs in the event loop."""
+
+    def link_up(self) -> None:
+        """CONNACK arrived: publish what a new connection needs (births, states)."""
+
+    def link_down(self, unsent_raw: int) -> None:
+        """The socket closed; ``unsent_raw`` raw messages were still in paho's write queue."""
+
+    def link_writable(self) -> None:
+        """paho's write queue ran empty: room for what waits."""
+
+    def link_acked(self, mid: int) -> bool:
+        """A PUBACK arrived; True if ``mid`` was one of the user's raw QoS 1 packets."""
+
+    def link_message(self, topic: str, payload: bytes) -> None:
+        """A message arrived on a subscribed topic."""
 
 
-class MqttSink:
-    """Publishes readings and device states to one MQTT broker; see the module docstring."""
+@dataclass(frozen=True, slots=True)
+class Will:
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
 
-    name = "mqtt"
+
+class MqttLink:
+    """One MQTT connection, driven from the event loop: connect, hold, reconnect with backoff.
+
+    paho is used as a protocol engine only (see the module docstring). The link publishes
+    nothing by itself; its user (:class:`LinkUser`) is told when the connection comes and
+    goes and sends through :meth:`queue_raw`, :meth:`raw_qos1` and :meth:`publish`. The Last
+    Will is asked for before every connect, because a Sparkplug edge node's changes per
+    session (its bdSeq).
+    """
 
     def __init__(
-        self, runtime: RuntimeView, section: MqttSection, *, backoff: Backoff | None = None
+        self,
+        runtime: RuntimeView,
+        section: MqttSection,
+        user: LinkUser,
+        *,
+        client_id: str,
+        will: Callable[[], Will | None],
+        subscriptions: Sequence[tuple[str, int]] = (),
+        backoff: Backoff | None = None,
+        name: str = "MQTT",
     ) -> None:
         self.runtime = runtime
         self.section = section
+        self.user = user
+        self.client_id = client_id
+        self.broker = f"{section.host}:{section.port}"
+        self.name = name
+        self._will = will
+        self._subscriptions = list(subscriptions)
         self._backoff = backoff or Backoff(base=0.5, cap=30.0)
-        gw = runtime.config.gateway
-        self._base = f"{section.topic_prefix}/{gw.site}/{gw.area}/{gw.line}"
-        self._gateway_topic = f"{self._base}/$gateway/{gw.name}"
-        self._client_id = section.client_id or gw.name
-        self._broker = f"{section.host}:{section.port}"
-        self._per_device = section.topic_shape == "per_device"
-        self._qos_values = section.qos_values
-        self._qos_state = section.qos_state
-        # Only QoS 0 values take the raw-packet path; QoS 1 needs paho's packet ids and acks.
-        self._raw = self._qos_values == 0
-        self._value_first = _PUBLISH | (0 if self._per_device else int(section.retain_values))
-        self._retain_values = section.retain_values and not self._per_device
-        self._heartbeat = section.heartbeat or math.inf
-        self._tags: dict[TagKey, _Tag] = {}
-        self._device_topics: dict[str, str] = {}
-        self._device_heads: dict[str, str] = {}
-        self._headers: dict[int, bytes] = {}
-        self._tails: dict[float, tuple[str, str]] = {}
-        self._details: dict[str, str] = {}
-        self._queue: deque[_Queued] = deque(maxlen=section.queue_size)
-        self._status_sent: dict[str, bytes] = {}
-        self._client: _Client | None = None
-        self._info = mqtt.MQTTMessageInfo(0)
+        self.client: _Client | None = None
+        self.info = mqtt.MQTTMessageInfo(0)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
-        self._fd: int | None = None
+        self.fd: int | None = None
         self._writing = False
         self._lost = asyncio.Event()
         self._connack: asyncio.Future[None] | None = None
         self._lost_reason = ""
-        self._connected = False
+        self.connected = False
         self._ever_connected = False
-        self._closed = False
-        self._drain_scheduled = False
-        self._forcing = False
-        self._once = OnceLogger(log, f"MQTT broker {self._broker}")
-        self.published = 0
-        self.dropped = 0
+        self.closed = False
+        self._once = OnceLogger(log, f"{name} broker {self.broker}")
         self.reconnects = 0
         self.last_error = ""
-        self._health: dict[str, object] = {}
-        self._update_health()
-        runtime.health[self.name] = self._health
+        self.on_change: Callable[[], None] = lambda: None
 
     # -- lifecycle -----------------------------------------------------------------------
 
-    async def start(self) -> None:
-        """Build every topic, then connect in the background: never waits for the broker."""
-        if self._task is not None or self._closed:
+    def start(self) -> None:
+        """Connect in the background; never waits for the broker."""
+        if self._task is not None or self.closed:
             return
         self._loop = asyncio.get_running_loop()
-        self._build_topics()
-        self._client = self._make_client()
-        self._task = asyncio.create_task(self._maintain(), name="mqtt[connection]")
+        self.client = self._make_client()
+        self._task = asyncio.create_task(self._maintain(), name=f"{self.name.lower()}[link]")
         self._task.add_done_callback(self._crashed)
 
-    async def run(self, sub: Subscription) -> None:
-        watcher = asyncio.create_task(self._watch_status(), name="mqtt[status]")
-        watcher.add_done_callback(self._crashed)
-        handle = self._on_batch_per_device if self._per_device else self._on_batch_per_tag
-        try:
-            while (batch := await sub.get()) is not None:
-                handle(batch)
-                self._update_health()
-        finally:
-            watcher.cancel()
-            await asyncio.wait([watcher])
-        # Drivers have stopped: publish their final state, then what is still queued.
-        self._sync_status()
-        await self._flush(FLUSH_TIMEOUT)
-
-    async def close(self) -> None:
-        """Publish "offline", disconnect cleanly (bounded), release everything. Idempotent."""
-        if self._closed:
+    async def close(self, goodbye: Will | None = None) -> None:
+        """Publish ``goodbye`` (bounded wait for its ack), DISCONNECT, release. Idempotent."""
+        if self.closed:
             return
-        self._closed = True
+        self.closed = True
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
             await asyncio.wait([task])
-        client = self._client
-        if client is not None and self._connected:
-            info = client.publish(self._gateway_topic, _OFFLINE, self._qos_state, retain=True)
-            await self._wait(lambda: info.is_published() and not client.want_write(), CLOSE_TIMEOUT)
+        client = self.client
+        if client is not None and self.connected:
+            if goodbye is not None:
+                info = client.publish(goodbye.topic, goodbye.payload, goodbye.qos, goodbye.retain)
+                await wait_until(
+                    lambda: info.is_published() and not client.want_write(), CLOSE_TIMEOUT
+                )
             client.disconnect()
-            await self._wait(lambda: self._fd is None, CLOSE_TIMEOUT)
-        if self._queue:
-            log.warning("MQTT: %d queued message(s) were not delivered", len(self._queue))
-        self._hard_close()
-        self._connected = False
-        self._update_health()
+            await wait_until(lambda: self.fd is None, CLOSE_TIMEOUT)
+        self.hard_close()
+        self.connected = False
 
     def _crashed(self, task: asyncio.Task[None]) -> None:
         """A bug in a background task must not leave MQTT silently dead: say so, loudly."""
         if task.cancelled() or task.exception() is None:
             return
         self.last_error = f"internal error: {task.exception()!r}"
-        self._update_health()
-        log.error("MQTT: %s stopped by a bug", task.get_name(), exc_info=task.exception())
-
-    # -- set-up --------------------------------------------------------------------------
-
-    def _build_topics(self) -> None:
-        for spec in self.runtime.tags:
-            self._add_tag(spec)
-        for device, status in self.runtime.statuses.items():
-            self._device_topic(device, status.machine)
-
-    def _add_tag(self, spec: TagSpec) -> _Tag:
-        tag = _Tag(spec, f"{self._base}/{spec.machine}/{spec.name}")
-        self._tags[spec.key] = tag
-        self._device_topic(spec.device, spec.machine)
-        return tag
-
-    def _device_topic(self, device: str, machine: str) -> None:
-        if device not in self._device_topics:
-            self._device_topics[device] = f"{self._base}/{machine}/$device/{device}"
-            self._device_heads[device] = f'{{"device":{_json_str(device)},"ts_ms":'
+        self.on_change()
+        log.error("%s: %s stopped by a bug", self.name, task.get_name(), exc_info=task.exception())
 
     def _make_client(self) -> _Client:
         client = _Client(
             CallbackAPIVersion.VERSION2,
-            client_id=self._client_id,
+            client_id=self.client_id,
             clean_session=True,
             protocol=mqtt.MQTTv311,
             reconnect_on_failure=False,
         )
-        client.will_set(self._gateway_topic, _OFFLINE, self._qos_state, retain=True)
         client.max_inflight_messages_set(100)
+        client.raw_acked = self.user.link_acked
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
         client.on_socket_open = self._on_socket_open
         client.on_socket_close = self._on_socket_close
         client.on_socket_register_write = self._on_socket_register_write
@@ -415,6 +410,42 @@ class MqttSink:
                 raise _Refused(f"cannot read password file {path}: {exc.strerror}") from None
         return None
 
+    # -- sending -------------------------------------------------------------------------
+
+    def backlogged(self) -> bool:
+        client = self.client
+        assert client is not None
+        return (
+            len(client._out_packet) > MAX_PENDING_WRITES
+            or len(client._out_messages) > MAX_PENDING_ACKS
+        )
+
+    def queue_raw(self, data: bytes, count: int) -> None:
+        """Hand ready PUBLISH packets (``count`` messages) to paho's write queue as one entry.
+
+        The entry's "mid" is the message count, so that :meth:`_on_socket_close` can count
+        what a broken connection took with it.
+        """
+        client = self.client
+        assert client is not None
+        client._packet_queue(_PUBLISH, data, count, 0, self.info)
+
+    def next_mid(self) -> int:
+        """A packet id from paho's own sequence, so ours and paho's never collide."""
+        client = self.client
+        assert client is not None
+        return client._mid_generate()
+
+    def publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
+        client = self.client
+        assert client is not None
+        client.publish(topic, payload, qos, retain)
+
+    def idle(self) -> bool:
+        """Everything handed over has been written, and paho's own QoS 1 messages acked."""
+        client = self.client
+        return client is None or (not client.want_write() and not client._out_messages)
+
     # -- the connection ------------------------------------------------------------------
 
     async def _maintain(self) -> None:
@@ -424,19 +455,26 @@ class MqttSink:
                 await self._connect_once()
             except (OSError, TimeoutError, _Refused) as exc:
                 self._failed(_describe(exc))
-                self._hard_close()
+                self.hard_close()
                 await asyncio.sleep(self._backoff.next())
                 continue
             if self._ever_connected:
                 self.reconnects += 1
             else:
-                log.info("MQTT: connected to %s as %s", self._broker, self._client_id)
+                log.info("%s: connected to %s as %s", self.name, self.broker, self.client_id)
             self._ever_connected = True
             self._once.recovered()
-            self._on_connected()
+            self.connected = True
+            self.last_error = ""
+            client = self.client
+            assert client is not None
+            for topic, qos in self._subscriptions:
+                client.subscribe(topic, qos)
+            self.user.link_up()
+            self.on_change()
             since = time.monotonic()
             await self._hold()
-            self._connected = False
+            self.connected = False
             lasted = time.monotonic() - since
             why = f"connection lost: {self._lost_reason or 'closed'}"
             if lasted >= STABLE_AFTER:
@@ -444,19 +482,24 @@ class MqttSink:
             elif lasted < 2.0:
                 why += (
                     f" {lasted:.1f} s after connecting (is another client using the client"
-                    f" id {self._client_id!r}?)"
+                    f" id {self.client_id!r}?)"
                 )
             self._failed(why)
             await asyncio.sleep(self._backoff.next())
 
     async def _connect_once(self) -> None:
-        client = self._client
+        client = self.client
         loop = self._loop
         assert client is not None
         assert loop is not None
         password = self._password()
         if self.section.username is not None:
             client.username_pw_set(self.section.username, password)
+        will = self._will()
+        if will is None:
+            client.will_clear()
+        else:
+            client.will_set(will.topic, will.payload, will.qos, will.retain)
         sock = await self._open_socket(loop)
         self._lost.clear()
         self._lost_reason = ""
@@ -504,7 +547,7 @@ class MqttSink:
 
     async def _hold(self) -> None:
         """Drive paho's keepalive until the connection is lost."""
-        client = self._client
+        client = self.client
         assert client is not None
         while not self._lost.is_set():
             with contextlib.suppress(TimeoutError):
@@ -513,27 +556,14 @@ class MqttSink:
             if not self._lost.is_set():
                 client.loop_misc()
 
-    def _on_connected(self) -> None:
-        """Gateway online, statuses, the queue (oldest first), then every tag's latest value."""
-        client = self._client
-        assert client is not None
-        self._connected = True
-        self.last_error = ""
-        client.publish(self._gateway_topic, _ONLINE, self._qos_state, retain=True)
-        self._status_sent.clear()
-        self._sync_status()
-        self._drain(force=True)
-        self._publish_all()
-        self._update_health()
-
     def _failed(self, message: str) -> None:
         self.last_error = message
         self._once.failed(message)
-        self._update_health()
+        self.on_change()
 
-    def _hard_close(self) -> None:
+    def hard_close(self) -> None:
         """Drop the socket without the MQTT goodbye (after a failure, or on close)."""
-        client = self._client
+        client = self.client
         if client is None:
             return
         sock = client.next_socket
@@ -545,7 +575,7 @@ class MqttSink:
         self._remove_fd()
 
     def _remove_fd(self) -> None:
-        fd, self._fd = self._fd, None
+        fd, self.fd = self.fd, None
         if fd is not None and self._loop is not None:
             self._loop.remove_reader(fd)
             self._loop.remove_writer(fd)
@@ -555,37 +585,32 @@ class MqttSink:
 
     def _on_socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
         assert self._loop is not None
-        self._fd = sock.fileno()
-        self._loop.add_reader(self._fd, client.loop_read)
+        self.fd = sock.fileno()
+        self._loop.add_reader(self.fd, client.loop_read)
 
     def _on_socket_close(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        # At once, not when _maintain wakes up: a batch in between must be queued by us,
+        # At once, not when _maintain wakes up: a batch in between must be kept by the user,
         # not left in paho's write queue, which the next reconnect() discards.
-        self._connected = False
-        # What paho had not written yet is lost with the connection: count it honestly.
-        unsent = sum(p["mid"] for p in client._out_packet if p["info"] is self._info)
-        self.dropped += unsent
-        self.published -= unsent
+        self.connected = False
+        unsent = sum(p["mid"] for p in client._out_packet if p["info"] is self.info)
         self._remove_fd()
         self._lost.set()
         connack = self._connack
         if connack is not None and not connack.done():
             connack.set_exception(_Refused(self._lost_reason or "the broker closed the connection"))
+        self.user.link_down(unsent)
 
     def _on_socket_register_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        if self._fd is not None and self._loop is not None and not self._writing:
+        if self.fd is not None and self._loop is not None and not self._writing:
             self._writing = True
-            self._loop.add_writer(self._fd, client.loop_write)
+            self._loop.add_writer(self.fd, client.loop_write)
 
     def _on_socket_unregister_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        if self._writing and self._fd is not None and self._loop is not None:
+        if self._writing and self.fd is not None and self._loop is not None:
             self._writing = False
-            self._loop.remove_writer(self._fd)
-        # paho's write queue ran empty: room for what waited in ours. Not from inside
-        # loop_write's own bookkeeping, hence call_soon.
-        if self._queue and self._connected and not self._drain_scheduled and self._loop:
-            self._drain_scheduled = True
-            self._loop.call_soon(self._drain)
+            self._loop.remove_writer(self.fd)
+        if self.connected:
+            self.user.link_writable()
 
     def _on_connect(
         self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any
@@ -611,6 +636,166 @@ class MqttSink:
             self._lost_reason = str(reason)
         else:
             self._lost_reason = "closed by the broker or the network"
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: Any) -> None:
+        self.user.link_message(message.topic, bytes(message.payload))
+
+
+async def wait_until(done: Callable[[], bool], seconds: float) -> bool:
+    """Poll ``done`` every 10 ms for up to ``seconds``; what it returned last."""
+    deadline = time.monotonic() + seconds
+    while not done():
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True
+
+
+#: A message queued while disconnected: a ready QoS 0 packet, or (topic, payload, retain).
+_Queued = bytes | tuple[str, bytes, bool]
+
+
+class MqttSink:
+    """Publishes readings and device states to one MQTT broker; see the module docstring."""
+
+    name = "mqtt"
+
+    def __init__(
+        self, runtime: RuntimeView, section: MqttSection, *, backoff: Backoff | None = None
+    ) -> None:
+        self.runtime = runtime
+        self.section = section
+        gw = runtime.config.gateway
+        self._base = f"{section.topic_prefix}/{gw.site}/{gw.area}/{gw.line}"
+        self._gateway_topic = f"{self._base}/$gateway/{gw.name}"
+        self._per_device = section.topic_shape == "per_device"
+        self._qos_values = section.qos_values
+        self._qos_state = section.qos_state
+        # Only QoS 0 values take the raw-packet path; QoS 1 needs paho's packet ids and acks.
+        self._raw = self._qos_values == 0
+        self._value_first = _PUBLISH | (0 if self._per_device else int(section.retain_values))
+        self._retain_values = section.retain_values and not self._per_device
+        self._heartbeat = section.heartbeat or math.inf
+        self._tags: dict[TagKey, _Tag] = {}
+        self._device_topics: dict[str, str] = {}
+        self._device_heads: dict[str, str] = {}
+        self._headers: dict[int, bytes] = {}
+        self._tails: dict[float, tuple[str, str]] = {}
+        self._details: dict[str, str] = {}
+        self._queue: deque[_Queued] = deque(maxlen=section.queue_size)
+        self._status_sent: dict[str, bytes] = {}
+        self._link = MqttLink(
+            runtime,
+            section,
+            self,
+            client_id=section.client_id or gw.name,
+            will=lambda: Will(self._gateway_topic, _OFFLINE, self._qos_state, True),
+            backoff=backoff,
+        )
+        self._link.on_change = self._update_health
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+        self._drain_scheduled = False
+        self._forcing = False
+        self.published = 0
+        self.dropped = 0
+        self._health: dict[str, object] = {}
+        self._update_health()
+        runtime.health[self.name] = self._health
+
+    @property
+    def _connected(self) -> bool:
+        return self._link.connected
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Build every topic, then connect in the background: never waits for the broker."""
+        if self._loop is not None or self._closed:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._build_topics()
+        self._link.start()
+
+    async def run(self, sub: Subscription) -> None:
+        watcher = asyncio.create_task(self._watch_status(), name="mqtt[status]")
+        watcher.add_done_callback(self._crashed)
+        handle = self._on_batch_per_device if self._per_device else self._on_batch_per_tag
+        try:
+            while (batch := await sub.get()) is not None:
+                handle(batch)
+                self._update_health()
+        finally:
+            watcher.cancel()
+            await asyncio.wait([watcher])
+        # Drivers have stopped: publish their final state, then what is still queued.
+        self._sync_status()
+        await self._flush(FLUSH_TIMEOUT)
+
+    async def close(self) -> None:
+        """Publish "offline", disconnect cleanly (bounded), release everything. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        await self._link.close(Will(self._gateway_topic, _OFFLINE, self._qos_state, True))
+        if self._queue:
+            log.warning("MQTT: %d queued message(s) were not delivered", len(self._queue))
+        self._update_health()
+
+    def _crashed(self, task: asyncio.Task[None]) -> None:
+        """A bug in a background task must not leave MQTT silently dead: say so, loudly."""
+        if task.cancelled() or task.exception() is None:
+            return
+        self._link.last_error = f"internal error: {task.exception()!r}"
+        self._update_health()
+        log.error("MQTT: %s stopped by a bug", task.get_name(), exc_info=task.exception())
+
+    # -- set-up --------------------------------------------------------------------------
+
+    def _build_topics(self) -> None:
+        for spec in self.runtime.tags:
+            self._add_tag(spec)
+        for device, status in self.runtime.statuses.items():
+            self._device_topic(device, status.machine)
+
+    def _add_tag(self, spec: TagSpec) -> _Tag:
+        tag = _Tag(spec, f"{self._base}/{spec.machine}/{spec.name}")
+        self._tags[spec.key] = tag
+        self._device_topic(spec.device, spec.machine)
+        return tag
+
+    def _device_topic(self, device: str, machine: str) -> None:
+        if device not in self._device_topics:
+            self._device_topics[device] = f"{self._base}/{machine}/$device/{device}"
+            self._device_heads[device] = f'{{"device":{_json_str(device)},"ts_ms":'
+
+    # -- what the link tells us (LinkUser) -----------------------------------------------
+
+    def link_up(self) -> None:
+        """Gateway online, statuses, the queue (oldest first), then every tag's latest value."""
+        self._link.publish(self._gateway_topic, _ONLINE, self._qos_state, True)
+        self._status_sent.clear()
+        self._sync_status()
+        self._drain(force=True)
+        self._publish_all()
+        self._update_health()
+
+    def link_down(self, unsent_raw: int) -> None:
+        # What paho had not written yet is lost with the connection: count it honestly.
+        self.dropped += unsent_raw
+        self.published -= unsent_raw
+
+    def link_writable(self) -> None:
+        # Not from inside loop_write's own bookkeeping, hence call_soon.
+        if self._queue and not self._drain_scheduled and self._loop is not None:
+            self._drain_scheduled = True
+            self._loop.call_soon(self._drain)
+
+    def link_acked(self, mid: int) -> bool:
+        return False
+
+    def link_message(self, topic: str, payload: bytes) -> None:
+        pass
 
     # -- value messages ------------------------------------------------------------------
 
@@ -783,12 +968,7 @@ class MqttSink:
     # -- sending and queueing ------------------------------------------------------------
 
     def _backlogged(self) -> bool:
-        client = self._client
-        assert client is not None
-        return (
-            len(client._out_packet) > MAX_PENDING_WRITES
-            or len(client._out_messages) > MAX_PENDING_ACKS
-        )
+        return self._link.backlogged()
 
     def _can_send(self) -> bool:
         if not self._connected:
@@ -806,10 +986,7 @@ class MqttSink:
         """
         count = len(parts) // 3 if split else len(parts)
         if self._can_send():
-            client = self._client
-            assert client is not None
-            # The "mid" of our raw buffers is their message count (see _on_socket_close).
-            client._packet_queue(_PUBLISH, b"".join(parts), count, 0, self._info)
+            self._link.queue_raw(b"".join(parts), count)
             self.published += count
             return
         if split:
@@ -819,9 +996,7 @@ class MqttSink:
 
     def _send_message(self, topic: str, payload: bytes, retain: bool) -> None:
         if self._can_send():
-            client = self._client
-            assert client is not None
-            client.publish(topic, payload, self._qos_values, retain)
+            self._link.publish(topic, payload, self._qos_values, retain)
             self.published += 1
         else:
             self._enqueue([(topic, payload, retain)])
@@ -837,9 +1012,9 @@ class MqttSink:
     def _drain(self, *, force: bool = False) -> None:
         """Move queued messages, oldest first, to the connection; all of them when ``force``."""
         self._drain_scheduled = False
-        client = self._client
+        link = self._link
         queue = self._queue
-        if client is None:
+        if link.client is None:
             return
         while queue and self._connected and (force or not self._backlogged()):
             if isinstance(queue[0], bytes):
@@ -850,38 +1025,24 @@ class MqttSink:
                     assert isinstance(packet, bytes)
                     chunk.append(packet)
                     size += len(packet)
-                client._packet_queue(_PUBLISH, b"".join(chunk), len(chunk), 0, self._info)
+                link.queue_raw(b"".join(chunk), len(chunk))
                 self.published += len(chunk)
             else:
                 item = queue.popleft()
                 assert isinstance(item, tuple)
                 topic, payload, retain = item
-                client.publish(topic, payload, self._qos_values, retain)
+                link.publish(topic, payload, self._qos_values, retain)
                 self.published += 1
 
     async def _flush(self, seconds: float) -> None:
         """Hand over the queue and wait (bounded) until paho has written and been acked."""
-        client = self._client
-        if client is None or not self._connected:
+        if self._link.client is None or not self._connected:
             return
         self._drain(force=True)
-        await self._wait(
-            lambda: (
-                not self._connected
-                or (not client.want_write() and not client._out_messages and not self._queue)
-            ),
-            seconds,
+        await wait_until(
+            lambda: not self._connected or (self._link.idle() and not self._queue), seconds
         )
         self._update_health()
-
-    @staticmethod
-    async def _wait(done: Callable[[], bool], seconds: float) -> bool:
-        deadline = time.monotonic() + seconds
-        while not done():
-            if time.monotonic() >= deadline:
-                return False
-            await asyncio.sleep(0.01)
-        return True
 
     # -- device and machine states -------------------------------------------------------
 
@@ -906,26 +1067,26 @@ class MqttSink:
 
     def _sync_status(self) -> None:
         """Publish every status topic whose payload differs from what this connection sent."""
-        client = self._client
-        if client is None or not self._connected:
+        if self._link.client is None or not self._connected:
             return
         sent = self._status_sent
         for topic, payload in self._status_payloads().items():
             if sent.get(topic) != payload:
-                client.publish(topic, payload, self._qos_state, retain=True)
+                self._link.publish(topic, payload, self._qos_state, True)
                 sent[topic] = payload
 
     # -- health --------------------------------------------------------------------------
 
     def _update_health(self) -> None:
         h = self._health
-        h["connected"] = self._connected
-        h["broker"] = self._broker
+        link = self._link
+        h["connected"] = link.connected
+        h["broker"] = link.broker
         h["queued"] = len(self._queue)
         h["published"] = self.published
         h["dropped"] = self.dropped
-        h["reconnects"] = self.reconnects
-        h["last_error"] = self.last_error
+        h["reconnects"] = link.reconnects
+        h["last_error"] = link.last_error
 
 
 def _device_status(st: DeviceStatus) -> bytes:

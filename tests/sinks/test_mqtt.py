@@ -246,7 +246,7 @@ async def test_topics_payloads_and_retained_state_then_clean_shutdown(
     sink = fast_sink(gw)
     async with RegisterServer([Machine()], port=dev_port), running(gw, sink):
         await wait_for(lambda: gw.health["mqtt"]["connected"])
-        sock = sink._client.socket() if sink._client else None
+        sock = sink._link.client.socket() if sink._link.client else None
         assert isinstance(sock, socket.socket)
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
         await asyncio.sleep(0.4)
@@ -299,7 +299,7 @@ async def test_topics_payloads_and_retained_state_then_clean_shutdown(
         assert w.latest(DEVICE_STATUS).json()["state"] == "stopped"  # type: ignore[union-attr]
         assert w.latest(MACHINE_STATUS).json() == {"state": "offline"}  # type: ignore[union-attr]
     assert gw.health["mqtt"]["connected"] is False
-    assert sink._fd is None
+    assert sink._link.fd is None
     # A clean MQTT DISCONNECT, so the "offline" above is ours, not the Last Will.
     assert "Client gw-test disconnected." in mosquitto_broker.log_text()
     assert "Client gw-test closed its connection." not in mosquitto_broker.log_text()
@@ -512,7 +512,7 @@ async def test_stalled_broker_keeps_memory_bounded(
     assert proc is not None
     try:
         await wait_for(lambda: sink._connected)
-        client = sink._client
+        client = sink._link.client
         assert client is not None
         proc.send_signal(signal.SIGSTOP)
         pad = "x" * 4000
@@ -530,7 +530,7 @@ async def test_stalled_broker_keeps_memory_bounded(
         assert sink.dropped > 0
         proc.send_signal(signal.SIGCONT)
         await wait_for(lambda: not sink._queue and not client.want_write(), 10)
-        assert sink.reconnects == 0
+        assert sink._link.reconnects == 0
         async with Watcher(mosquitto_broker.port, f"{LATHE}/model") as w:
             await w.wait(lambda: w.latest(f"{LATHE}/model"))
             assert w.latest(f"{LATHE}/model").json()["value"] == f"{5999:06d}{pad}"  # type: ignore[union-attr]
@@ -555,8 +555,8 @@ async def test_two_gateways_sharing_a_client_id_do_not_flap_fast(
             await sink.start()
         await asyncio.sleep(2.5)
         # Undamped: ~16 in all. Damped: at most 4 each, as 0.1+0.2+0.4+0.8+1.6 s > 2.5 s.
-        assert sum(s.reconnects for s in sinks) <= 8, [s.reconnects for s in sinks]
-        assert any(s.reconnects >= 1 for s in sinks)
+        assert sum(s._link.reconnects for s in sinks) <= 8, [s._link.reconnects for s in sinks]
+        assert any(s._link.reconnects >= 1 for s in sinks)
         assert "is another client using the client id 'gw-test'?" in caplog.text
     finally:
         for sink in sinks:
