@@ -2,6 +2,7 @@
 
     GatewayError
     ├── ConfigError              a config file is invalid; carries every issue found
+    ├── OutboxError              the outbox file cannot be opened or used; left untouched
     └── DeviceError              a device or its link misbehaved; retried by the runner
         ├── DeviceTimeout        no answer within the timeout
         ├── ConnectionLost       could not connect, or the link broke
@@ -24,6 +25,7 @@ __all__ = [
     "DeviceException",
     "DeviceTimeout",
     "GatewayError",
+    "OutboxError",
 ]
 
 
@@ -88,3 +90,7 @@ class DeviceException(DeviceError):
 
 class DecodeError(DeviceError):
     kind = "decode"
+
+
+class OutboxError(GatewayError):
+    """The outbox file cannot be used (locked, not an outbox, a newer schema); left as it is."""
