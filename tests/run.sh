@@ -23,6 +23,13 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e ".[test]"
 
+# Eclipse Tahu's JavaScript decoder, an independent check of our Sparkplug B payloads.
+if command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1; then
+  (cd tests/sparkplug_js && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error)
+else
+  echo "== node/npm not found: the Sparkplug tests that decode with Tahu's JavaScript library skip (on CI they fail)"
+fi
+
 echo "== ruff"
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .

@@ -25,11 +25,17 @@ FACADES = {
     "serial": {"drivers/ascii_serial/transport.py"},
     "serial_asyncio_fast": {"drivers/ascii_serial/transport.py"},
     "amqtt": {"gateway/demo_broker.py"},
+    # protoc's output imports the protobuf runtime; only the Sparkplug façade imports that output.
+    "google.protobuf": {"gateway/sparkplug/sparkplug_b_pb2.py"},
+    "gateway.sparkplug.sparkplug_b_pb2": {"gateway/sparkplug/payload.py"},
 }
 
 
 def imports_of(path: Path) -> set[str]:
-    """Top-level names of every module the file imports (absolute imports only)."""
+    """Every module name the file imports (absolute imports only).
+
+    ``from a.b import c`` counts as ``a.b`` and ``a.b.c``: ``c`` may be a module.
+    """
     tree = ast.parse(path.read_text(), filename=str(path))
     names: set[str] = set()
     for node in ast.walk(tree):
@@ -37,6 +43,7 @@ def imports_of(path: Path) -> set[str]:
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
     return names
 
 
