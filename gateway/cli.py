@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gateway
 from drivers.base import Describable
@@ -28,6 +28,10 @@ from gateway.config import LoadedConfig, MqttSection, json_schema, load_config
 from gateway.demo_broker import DemoBroker
 from gateway.errors import ConfigError, DeviceError, GatewayError
 from gateway.sinks.base import Sink
+
+if TYPE_CHECKING:
+    # Only for the annotation: commission imports format_table from here.
+    from gateway.commission import Endpoint
 
 __all__ = ["main"]
 
@@ -154,6 +158,22 @@ def cmd_once(args: argparse.Namespace) -> int:
     return EXIT_DEVICE if failed else EXIT_OK
 
 
+def _endpoint(args: argparse.Namespace) -> Endpoint:
+    """The ``commission.Endpoint`` the link options name; raises its UsageError."""
+    from gateway import commission as c  # noqa: PLC0415 - it imports format_table from here
+
+    return c.Endpoint.from_options(
+        host=args.host,
+        port=args.port,
+        serial=args.serial,
+        baudrate=args.baudrate,
+        parity=args.parity,
+        stopbits=args.stopbits,
+        bytesize=args.bytesize,
+        framing=args.framing,
+    )
+
+
 def cmd_read(args: argparse.Namespace) -> int:
     from drivers.modbus.config import Addressing, Table  # noqa: PLC0415
     from gateway import commission as c  # noqa: PLC0415 - it imports format_table from here
@@ -164,20 +184,22 @@ def cmd_read(args: argparse.Namespace) -> int:
     if table is None and addressing is not Addressing.MODICON:
         table = Table.HOLDING
     try:
+        endpoint = _endpoint(args)
+        endpoint.check_unit(args.unit)
         table, address = c.plan_read(addressing, table, args.address, args.count, args.timeout)
     except c.UsageError as exc:
         print(f"retrofit-gw read: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     try:
         values = asyncio.run(
-            c.read_span(args.host, args.port, args.unit, table, address, args.count, args.timeout)
+            c.read_span(endpoint, args.unit, table, address, args.count, args.timeout)
         )
     except DeviceError as exc:
-        print(f"retrofit-gw read: {c.describe_device_error(exc)}", file=sys.stderr)
+        print(f"retrofit-gw read: {c.describe_device_error(exc, endpoint)}", file=sys.stderr)
         return EXIT_DEVICE
     found = [] if table.is_bits else c.interpret(values, addressing, table, args.address)
     result = c.ReadResult(
-        args.host, args.port, args.unit, table, address, values, addressing, args.address, found
+        endpoint, args.unit, table, address, values, addressing, args.address, found
     )
     if args.json:
         print(json.dumps(c.read_json(result), indent=2))
@@ -192,8 +214,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
 
     try:
         spec = c.ScanSpec(
-            host=args.host,
-            port=args.port,
+            endpoint=_endpoint(args),
             units=c.parse_units(args.units),
             tables=c.parse_tables(args.tables),
             start=args.start,
@@ -211,7 +232,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
         result = asyncio.run(c.scan(spec, progress))
     except DeviceError as exc:
         progress.done()
-        print(f"retrofit-gw scan: {exc}", file=sys.stderr)
+        print(f"retrofit-gw scan: {c.describe_device_error(exc, spec.endpoint)}", file=sys.stderr)
         return EXIT_DEVICE
     progress.done()
     if args.json:
@@ -358,6 +379,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return _run_main(main)
 
 
+def _add_link_options(s: argparse.ArgumentParser) -> None:
+    """--host or --serial, and how to talk there; defaults as in a device's config."""
+    where = s.add_mutually_exclusive_group(required=True)
+    where.add_argument("--host", help="Modbus TCP device, or serial device server (--framing rtu)")
+    where.add_argument("--serial", metavar="PORT", help="serial port, e.g. /dev/ttyUSB0")
+    s.add_argument("--port", type=int, help="TCP port with --host (default 502)")
+    s.add_argument(
+        "--framing",
+        choices=["socket", "rtu", "ascii"],
+        help="socket (Modbus TCP; default with --host), rtu (default with --serial; with "
+        "--host: RTU frames through a serial device server) or ascii (--serial only)",
+    )
+    line = s.add_argument_group("serial line (--serial only; defaults as in the config)")
+    line.add_argument("--baudrate", type=int, help="default 19200")
+    line.add_argument("--parity", choices=["N", "E", "O"], help="default E")
+    line.add_argument("--stopbits", type=int, choices=[1, 2], help="default 1")
+    line.add_argument("--bytesize", type=int, choices=[7, 8], help="default 8; 7 for ASCII only")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="retrofit-gw",
@@ -413,8 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("address", help="first address, written as --addressing says (e.g. 100, 40101)")
     s.add_argument("count", nargs="?", type=int, default=2, help="registers or bits (default 2)")
-    s.add_argument("--host", required=True)
-    s.add_argument("--port", type=int, default=502)
+    _add_link_options(s)
     s.add_argument("--unit", type=int, default=1, help="unit id (default 1)")
     s.add_argument(
         "--table",
@@ -424,7 +463,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--addressing", choices=["zero_based", "one_based", "modicon"], default="zero_based"
     )
-    s.add_argument("--timeout", type=float, default=1.0, help="seconds to wait for the answer")
+    s.add_argument(
+        "--timeout",
+        type=float,
+        default=1.0,
+        help="seconds to wait for the answer (default 1; on --serial plus the frames' wire time)",
+    )
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=cmd_read)
 
@@ -432,10 +476,10 @@ def build_parser() -> argparse.ArgumentParser:
         "scan",
         help="find which unit ids answer and which address ranges they serve",
         description="Probe unit ids, then address ranges in blocks, with read requests only. "
-        "A unit is present when it answers anything (an exception too), absent on a timeout.",
+        "A unit is present when it answers anything (an exception too), absent on a timeout. "
+        "On a serial line every absent unit id costs one --timeout.",
     )
-    s.add_argument("--host", required=True)
-    s.add_argument("--port", type=int, default=502)
+    _add_link_options(s)
     s.add_argument("--units", default="1-247", help="unit ids, e.g. 1-247 or 1,2,5 (default 1-247)")
     s.add_argument(
         "--tables",
@@ -445,7 +489,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--start", type=int, default=0, help="first address (zero-based, default 0)")
     s.add_argument("--end", type=int, default=999, help="last address (default 999)")
     s.add_argument("--block", type=int, default=10, help="addresses per probe (default 10)")
-    s.add_argument("--timeout", type=float, default=0.3, help="seconds per request (default 0.3)")
+    s.add_argument(
+        "--timeout",
+        type=float,
+        default=0.3,
+        help="seconds per request (default 0.3; on --serial plus the frames' wire time); "
+        "each absent unit id costs one",
+    )
     s.add_argument(
         "--max-requests",
         type=int,

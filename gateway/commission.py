@@ -1,7 +1,11 @@
 """Commissioning tools: ``retrofit-gw read`` (one span, every interpretation) and ``scan``.
 
 Both talk to a device through the Modbus transport façade only, and only with read
-functions: commissioning must never change a machine.
+functions: commissioning must never change a machine. An :class:`Endpoint` says where: Modbus
+TCP to a host, RTU frames through a serial device server (``--host --framing rtu``), or a
+serial line with RTU or ASCII framing (``--serial``). One link serves every unit id of a
+scan, requests strictly one after another, and on a serial line the inter-frame silence
+(t3.5) is kept between them.
 
 ``read`` prints the raw registers and every interpretation :func:`decode.interpretations`
 knows, marking the implausible ones (tiny denormal floats, NaN/inf, magnitudes over 1e12,
@@ -44,13 +48,26 @@ from drivers.modbus.config import (
     resolve_address,
 )
 from drivers.modbus.decode import interpretations
-from drivers.modbus.transport import ModbusTcpTransport
+from drivers.modbus.serial_bus import PortOwner, silence
+from drivers.modbus.transport import (
+    ClientTransport,
+    ModbusRtuOverTcpTransport,
+    ModbusSerialTransport,
+    ModbusTcpTransport,
+)
 from gateway.cli import format_table
-from gateway.errors import DecodeError, DeviceError, DeviceException, DeviceTimeout
+from gateway.errors import (
+    ConnectionLost,
+    DecodeError,
+    DeviceError,
+    DeviceException,
+    DeviceTimeout,
+)
 from gateway.model import Value
 
 __all__ = [
     "DEFAULT_MAX_REQUESTS",
+    "Endpoint",
     "Interpretation",
     "Progress",
     "ReadResult",
@@ -100,6 +117,201 @@ class UsageError(ValueError):
     """Arguments that make no sense together; the CLI exits 2 with the message."""
 
 
+# -- where -----------------------------------------------------------------------------------
+
+_TCP_FRAMINGS = ("socket", "rtu")
+_SERIAL_FRAMINGS = ("rtu", "ascii")
+_SERIAL_OPTIONS = ("baudrate", "parity", "stopbits", "bytesize")
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where requests go: ``host`` (Modbus TCP, or RTU frames through a serial device server
+    with ``framing="rtu"``) or ``serial``, a serial port with RTU or ASCII framing.
+
+    The serial defaults are the config's (``ModbusRtuDevice``): 19200 baud, 8E1, RTU.
+    ``framing`` left empty means socket (Modbus TCP) for a host and rtu for a serial port.
+    Raises UsageError for a combination that cannot work.
+    """
+
+    host: str = ""
+    port: int = 502
+    serial: str = ""
+    baudrate: int = 19200
+    parity: str = "E"
+    stopbits: int = 1
+    bytesize: int = 8
+    framing: str = ""
+
+    def __post_init__(self) -> None:
+        if bool(self.host) == bool(self.serial):
+            raise UsageError(
+                "give exactly one of --host (Modbus TCP, or RTU through a serial device "
+                "server) and --serial (a serial port)"
+            )
+        if not self.framing:
+            object.__setattr__(self, "framing", "rtu" if self.serial else "socket")
+        if self.host:
+            if self.framing not in _TCP_FRAMINGS:
+                raise UsageError(
+                    f"--framing {self.framing} is not for --host: socket (Modbus TCP) or rtu "
+                    "(RTU frames through a serial device server)"
+                )
+            if not 1 <= self.port <= 65535:
+                raise UsageError(f"--port {self.port} is outside 1..65535")
+            return
+        if self.framing not in _SERIAL_FRAMINGS:
+            raise UsageError(f"--framing {self.framing} is not for --serial: rtu or ascii")
+        if not 300 <= self.baudrate <= 4_000_000:
+            raise UsageError(f"--baudrate {self.baudrate} is outside 300..4000000")
+        if self.parity not in ("N", "E", "O"):
+            raise UsageError(f"--parity {self.parity} is not N, E or O")
+        if self.stopbits not in (1, 2):
+            raise UsageError(f"--stopbits {self.stopbits} is not 1 or 2")
+        if self.bytesize not in (7, 8) or (self.bytesize == 7 and self.framing != "ascii"):
+            raise UsageError(f"--bytesize {self.bytesize}: RTU needs 8 data bits, ASCII 7 or 8")
+
+    @classmethod
+    def from_options(
+        cls,
+        *,
+        host: str | None,
+        port: int | None,
+        serial: str | None,
+        baudrate: int | None = None,
+        parity: str | None = None,
+        stopbits: int | None = None,
+        bytesize: int | None = None,
+        framing: str | None = None,
+    ) -> Endpoint:
+        """The endpoint the command-line options name (None: not given)."""
+        line = {"baudrate": baudrate, "parity": parity, "stopbits": stopbits, "bytesize": bytesize}
+        given: dict[str, Any] = {k: v for k, v in line.items() if v is not None}
+        if host and given:
+            # A serial device server has its own line settings, set in its web page.
+            flags = ", ".join(f"--{k}" for k in given)
+            raise UsageError(
+                f"{flags} set a serial line (--serial); behind --host the device server's "
+                "own settings apply"
+            )
+        if port is not None:
+            if serial:
+                raise UsageError("--port is for --host; a serial line is named by --serial")
+            given["port"] = port
+        return cls(host=host or "", serial=serial or "", framing=framing or "", **given)
+
+    @property
+    def on_serial_line(self) -> bool:
+        """Unit ids are serial slave addresses (1..247): a port, or a device server."""
+        return self.framing != "socket"
+
+    @property
+    def silence(self) -> float:
+        """Quiet time between transactions; a device server times its own line."""
+        return silence(self.baudrate) if self.serial else 0.0
+
+    def wire_time(self, table: Table, count: int) -> float:
+        """Seconds a read request and its answer take on the serial wire (0 off a port).
+
+        A response timeout counts from the request being handed to the port: at 1200 baud
+        a 10-register read spends 0.3 s on the wire alone.
+        """
+        if not self.serial:
+            return 0.0
+        data = -(-count // 8) if table.is_bits else 2 * count
+        # Request 8 bytes, answer 5 + data; ASCII sends ':', two hex digits per byte (an LRC
+        # byte instead of the CRC) and CR LF.
+        binary = 8 + (5 + data)
+        chars = (3 + 2 * 7) + (3 + 2 * (4 + data)) if self.framing == "ascii" else binary
+        bits = 1 + self.bytesize + (self.parity != "N") + self.stopbits
+        return chars * bits / self.baudrate
+
+    @property
+    def label(self) -> str:
+        """The link as messages and headings name it."""
+        if self.serial:
+            line = f"{self.baudrate}/{self.bytesize}{self.parity}{self.stopbits}"
+            return f"{self.serial}@{line} {self.framing}"
+        rtu = " rtu" if self.framing == "rtu" else ""
+        return f"{self.host}:{self.port}{rtu}"
+
+    def json(self) -> dict[str, Any]:
+        if self.serial:
+            return (
+                {"serial": self.serial}
+                | {k: getattr(self, k) for k in _SERIAL_OPTIONS}
+                | {"framing": self.framing}
+            )
+        return {"host": self.host, "port": self.port, "framing": self.framing}
+
+    def check_unit(self, unit: int, flag: str = "--unit") -> None:
+        if self.on_serial_line and not 1 <= unit <= 247:
+            # 0 is broadcast on a serial line: slaves act on it without answering.
+            raise UsageError(f"{flag}: slave addresses on a serial line are 1..247, not {unit}")
+        if not 0 <= unit <= 255:
+            raise UsageError(f"{flag} {unit} is outside 0..255")
+
+    def transport(self, unit: int, timeout: float, name: str) -> ClientTransport:
+        connect_timeout = max(timeout, 3.0)
+        if self.serial:
+            return ModbusSerialTransport(
+                port=self.serial,
+                baudrate=self.baudrate,
+                parity=self.parity,
+                stopbits=self.stopbits,
+                bytesize=self.bytesize,
+                framing=self.framing,
+                timeout=timeout,
+                connect_timeout=connect_timeout,
+                name=name,
+                unit_id=unit,
+            )
+        kind = ModbusRtuOverTcpTransport if self.framing == "rtu" else ModbusTcpTransport
+        return kind(
+            host=self.host,
+            port=self.port,
+            unit_id=unit,
+            timeout=timeout,
+            connect_timeout=connect_timeout,
+            name=name,
+        )
+
+
+class _Line:
+    """The one link of a read or a scan: every unit id goes through it, one at a time.
+
+    On a serial line all slaves share the wire anyway, and pymodbus's async serial client
+    sends as soon as it is asked: the line's :class:`PortOwner` keeps it quiet for t3.5
+    between transactions, as the gateway's drivers do. Each request waits ``timeout`` plus
+    its frames' time on the wire.
+    """
+
+    def __init__(self, endpoint: Endpoint, unit: int, timeout: float, name: str) -> None:
+        self.endpoint = endpoint
+        self.timeout = timeout
+        self.transport = endpoint.transport(unit, timeout, name)
+        self.owner = PortOwner(
+            endpoint.label, self.transport, silence=endpoint.silence, settings=None
+        )
+
+    async def connect(self) -> None:
+        """Open the link if it is not (a timeout on TCP closes it); raises DeviceError."""
+        await self.transport.connect()
+
+    async def read(
+        self, unit: int, table: Table, address: int, count: int
+    ) -> list[int] | list[bool]:
+        transport = self.transport
+        # Milliseconds are plenty, and keep "within 0.309 s" readable in messages.
+        wait = round(self.timeout + self.endpoint.wire_time(table, count), 3)
+        return await self.owner.transaction(
+            lambda: transport.read(table, address, count, unit_id=unit, response_timeout=wait)
+        )
+
+    async def close(self) -> None:
+        await self.transport.close()
+
+
 # -- read ------------------------------------------------------------------------------------
 
 
@@ -119,8 +331,7 @@ class Interpretation:
 
 @dataclass(frozen=True)
 class ReadResult:
-    host: str
-    port: int
+    endpoint: Endpoint
     unit: int
     table: Table
     address: int  # on the wire
@@ -227,7 +438,7 @@ def format_read(result: ReadResult, *, color: bool = False) -> str:
     table, given, addressing = result.table, result.given, result.addressing
     wire_too = addressing is not Addressing.ZERO_BASED
     lines = [
-        f"{result.host}:{result.port} unit {result.unit}: {table.value} "
+        f"{result.endpoint.label} unit {result.unit}: {table.value} "
         f"{result.address}+{len(result.values)} (wire addresses)",
         "",
     ]
@@ -272,8 +483,7 @@ def _json_value(value: Value | str) -> Value | str:
 def read_json(result: ReadResult) -> dict[str, Any]:
     table, given, addressing = result.table, result.given, result.addressing
     out: dict[str, Any] = {
-        "host": result.host,
-        "port": result.port,
+        **result.endpoint.json(),
         "unit": result.unit,
         "table": table.value,
         "address": result.address,
@@ -312,35 +522,45 @@ def read_json(result: ReadResult) -> dict[str, Any]:
     return out
 
 
-def describe_device_error(exc: DeviceError) -> str:
-    """A device error as a technician should read it: what happened, then what it means."""
+def describe_device_error(exc: DeviceError, endpoint: Endpoint | None = None) -> str:
+    """A device error as a technician should read it: what happened, then what it means.
+
+    The hints name the options of the link in use (``--serial`` and its line settings, or
+    ``--host`` and ``--port``); without an endpoint, those of Modbus TCP.
+    """
     if isinstance(exc, DeviceException):
         hint = _HINTS.get(exc.code, "the device refused the request")
         return f"{exc}: {hint}"
+    serial = endpoint is not None and bool(endpoint.serial)
     if isinstance(exc, DeviceTimeout):
+        if serial:
+            return (
+                f"{exc}: nothing answered; check --unit, then --serial, --baudrate, --parity "
+                "and --stopbits (a slave ignores frames at other settings), --framing, and the "
+                "wiring (swapped A/B lines are common), or raise --timeout"
+            )
+        if endpoint is not None and endpoint.framing == "rtu":
+            return (
+                f"{exc}: nothing answered; check --host, --port and --unit, and the serial "
+                "side of the device server (its baud rate and parity must match the slave's), "
+                "or raise --timeout"
+            )
         return (
             f"{exc}: nothing answered; check --host, --port and --unit (a TCP-to-serial "
             f"gateway stays silent for a unit id it does not have), or raise --timeout"
         )
     if isinstance(exc, DecodeError):
         return f"{exc}: the answer does not match the request"
+    if serial and isinstance(exc, ConnectionLost):
+        return (
+            f"{exc}: check --serial: the port must exist (a USB adapter may have a new name "
+            "after replugging) and no other program, such as a running gateway, may hold it"
+        )
     return str(exc)
 
 
-def _transport(host: str, port: int, unit: int, timeout: float) -> ModbusTcpTransport:
-    return ModbusTcpTransport(
-        host=host,
-        port=port,
-        unit_id=unit,
-        timeout=timeout,
-        connect_timeout=max(timeout, 3.0),
-        name=f"{host}:{port} unit {unit}",
-    )
-
-
 async def read_span(
-    host: str,
-    port: int,
+    endpoint: Endpoint,
     unit: int,
     table: Table,
     address: int,
@@ -348,12 +568,12 @@ async def read_span(
     response_timeout: float,
 ) -> list[int] | list[bool]:
     """Read one span once; raises the transport's DeviceError."""
-    transport = _transport(host, port, unit, response_timeout)
+    line = _Line(endpoint, unit, response_timeout, f"{endpoint.label} unit {unit}")
     try:
-        await transport.connect()
-        return await transport.read(table, address, count)
+        await line.connect()
+        return await line.read(unit, table, address, count)
     finally:
-        await transport.close()
+        await line.close()
 
 
 # -- scan ------------------------------------------------------------------------------------
@@ -395,8 +615,7 @@ def format_ranges(ranges: Sequence[tuple[int, int]]) -> str:
 
 @dataclass(frozen=True)
 class ScanSpec:
-    host: str
-    port: int
+    endpoint: Endpoint
     units: list[int]
     tables: list[Table]
     start: int = 0
@@ -423,6 +642,8 @@ class ScanSpec:
             raise UsageError(f"--timeout {self.timeout:g} is outside (0, 60] seconds")
         if not self.units or not self.tables:
             raise UsageError("nothing to scan: no unit ids or no tables")
+        for unit in (self.units[0], self.units[-1]):
+            self.endpoint.check_unit(unit, "--units")
         limit = self.max_requests
         # Up front, the unit discovery at its worst plus one unit's ranges must fit.
         needed = len(self.units) * len(self.tables) + self.unit_cost()
@@ -461,6 +682,8 @@ class ScanResult:
     requests: int = 0
     elapsed: float = 0.0
     stopped: str = ""  # why the range phase did not run, if it did not
+    #: Shortest quiet time between two requests on the link (on a serial line >= t3.5).
+    min_gap: float | None = None
 
 
 class Progress:
@@ -498,21 +721,22 @@ class _Outcome:
 
 
 class _Prober:
-    """Requests for one unit id over one connection, counted against the scan's budget."""
+    """Requests for one unit id over the scan's one link, counted against its budget."""
 
-    def __init__(self, spec: ScanSpec, unit: int, result: ScanResult) -> None:
-        self.spec = spec
+    def __init__(self, line: _Line, unit: int, result: ScanResult) -> None:
+        self.line = line
+        self.unit = unit
         self.result = result
-        self.transport = _transport(spec.host, spec.port, unit, spec.timeout)
 
     async def probe(self, table: Table, address: int, count: int) -> tuple[str, int, str]:
         """``(outcome, exception code, exception name)``; a failed (re)connect raises."""
-        # A timeout closes the link (so a late answer cannot pair with the next request):
-        # reconnect before each request. Connect errors end the scan: the host is gone.
-        await self.transport.connect()
+        # On TCP a timeout closes the link (so a late answer cannot pair with the next
+        # request): reconnect before each request. A serial port stays open. Connect errors
+        # end the scan: the host or the port is gone.
+        await self.line.connect()
         self.result.requests += 1
         try:
-            await self.transport.read(table, address, count)
+            await self.line.read(self.unit, table, address, count)
         except DeviceException as exc:
             return _Outcome.EXCEPTION, exc.code, exc.name
         except DecodeError:
@@ -524,9 +748,6 @@ class _Prober:
 
     async def ok(self, table: Table, address: int, count: int) -> bool:
         return (await self.probe(table, address, count))[0] == _Outcome.OK
-
-    async def close(self) -> None:
-        await self.transport.close()
 
 
 async def _discover(spec: ScanSpec, prober: _Prober, unit: int) -> UnitScan:
@@ -632,31 +853,29 @@ async def scan(spec: ScanSpec, progress: Callable[[str], None] = lambda _: None)
     started = time.monotonic()
     result = ScanResult(spec)
     n = len(spec.units)
-    for k, unit in enumerate(spec.units, 1):
-        progress(f"unit {k}/{n} (id {unit}): found {_present(result)} so far")
-        prober = _Prober(spec, unit, result)
-        try:
-            result.units.append(await _discover(spec, prober, unit))
-        finally:
-            await prober.close()
-    present = [u for u in result.units if u.status == "present"]
-    needed = result.requests + len(present) * spec.unit_cost()
-    if spec.max_requests is not None and needed > spec.max_requests:
-        result.stopped = (
-            f"{len(present)} unit(s) answer; scanning their ranges needs about {needed} requests "
-            f"in all, more than the limit of {spec.max_requests}: narrow --units, --tables "
-            "or --start/--end, raise --block, or pass --force"
-        )
-    else:
-        for k, u in enumerate(present, 1):
-            prober = _Prober(spec, u.unit, result)
-            try:
+    line = _Line(spec.endpoint, spec.units[0], spec.timeout, spec.endpoint.label)
+    try:
+        for k, unit in enumerate(spec.units, 1):
+            progress(f"unit {k}/{n} (id {unit}): found {_present(result)} so far")
+            result.units.append(await _discover(spec, _Prober(line, unit, result), unit))
+        present = [u for u in result.units if u.status == "present"]
+        needed = result.requests + len(present) * spec.unit_cost()
+        if spec.max_requests is not None and needed > spec.max_requests:
+            result.stopped = (
+                f"{len(present)} unit(s) answer; scanning their ranges needs about {needed} "
+                f"requests in all, more than the limit of {spec.max_requests}: narrow --units, "
+                "--tables or --start/--end, raise --block, or pass --force"
+            )
+        else:
+            for k, u in enumerate(present, 1):
+                prober = _Prober(line, u.unit, result)
                 for table in spec.tables:
                     u.tables[table] = await _scan_table(
                         spec, prober, table, progress, f"unit {u.unit} ({k}/{len(present)})"
                     )
-            finally:
-                await prober.close()
+    finally:
+        await line.close()
+    result.min_gap = line.owner.min_gap
     result.elapsed = time.monotonic() - started
     return result
 
@@ -689,7 +908,7 @@ def _ids(units: Sequence[int]) -> str:
 def format_scan(result: ScanResult) -> str:
     spec = result.spec
     lines = [
-        f"{spec.host}:{spec.port}: {len(spec.units)} unit id(s), {spec.start}-{spec.end} in "
+        f"{spec.endpoint.label}: {len(spec.units)} unit id(s), {spec.start}-{spec.end} in "
         f"blocks of {spec.block}: {result.requests} requests in {result.elapsed:.1f} s",
         "",
     ]
@@ -723,8 +942,7 @@ def format_scan(result: ScanResult) -> str:
 def scan_json(result: ScanResult) -> dict[str, Any]:
     spec = result.spec
     return {
-        "host": spec.host,
-        "port": spec.port,
+        **spec.endpoint.json(),
         "start": spec.start,
         "end": spec.end,
         "block": spec.block,

@@ -20,6 +20,7 @@ from drivers.modbus.decode import interpretations
 from drivers.modbus.simulator import encode
 from gateway.cli import main
 from gateway.commission import (
+    Endpoint,
     Progress,
     ScanSpec,
     UsageError,
@@ -281,7 +282,7 @@ def test_parsers_and_formatting() -> None:
         parse_tables("holdings")
     assert format_ranges([(0, 15), (100, 113), (200, 200)]) == "0-15, 100-113, 200"
     assert format_ranges([]) == "-"
-    spec = ScanSpec("h", 502, [1], [Table.HOLDING], start=0, end=24, block=10)
+    spec = ScanSpec(Endpoint(host="h"), [1], [Table.HOLDING], start=0, end=24, block=10)
     assert spec.blocks() == [(0, 10), (10, 10), (20, 5)]
 
 

@@ -696,6 +696,7 @@ class RegisterServer:
                 baudrate=self.baudrate,
                 ignore_missing_devices=True,
                 custom_pdu=custom,  # type: ignore[arg-type]
+                trace_pdu=self._absent_slaves_are_silent,  # type: ignore[arg-type]
                 trace_connect=self._on_connect,
             )
             where = self.serial_port
@@ -752,6 +753,14 @@ class RegisterServer:
         tb: TracebackType | None,
     ) -> None:
         await self.stop()
+
+    def _absent_slaves_are_silent(self, sending: bool, pdu: ModbusPDU) -> ModbusPDU | None:
+        # pymodbus answers SERVER DEVICE FAILURE for a unit id it does not serve (ids are
+        # looked up with a fallback to device 0); on a real bus nobody answers. A request
+        # traced to None is dropped unanswered.
+        if sending or any(d.unit_id == pdu.dev_id for d in self.devices):
+            return pdu
+        return None
 
     def _on_connect(self, connected: bool) -> None:
         server = self._server
