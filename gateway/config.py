@@ -121,6 +121,39 @@ DeviceConfig = Annotated[
 ]
 
 
+class BufferSection(_Section):
+    """Store and forward: what the broker has not acknowledged is kept, on disk while it
+    cannot be delivered, and replayed oldest first once it can (see gateway/outbox.py)."""
+
+    max_mb: float = Field(
+        default=64, gt=0, le=100_000, description="Disk space for undelivered messages, MB."
+    )
+    max_age_h: float = Field(
+        default=168, gt=0, le=87_600, description="Older undelivered messages are dropped, h."
+    )
+    when_full: Literal["drop_oldest", "drop_newest"] = Field(
+        default="drop_oldest", description="What gives way when max_mb is reached."
+    )
+    fsync: Literal["off", "normal", "full"] = Field(
+        default="normal",
+        description="normal: survives a crash or kill, consistent after a power cut (may lose "
+        "the last seconds); full: survives a power cut too, one fsync per poll while the "
+        "broker is away (SD card wear); off: tests only.",
+    )
+    replay_rate: float = Field(
+        default=20_000,
+        gt=0,
+        le=1_000_000,
+        description="Messages per second replayed after an outage, beside the live ones.",
+    )
+    inflight: int = Field(
+        default=2000,
+        ge=10,
+        le=100_000,
+        description="Messages sent and not yet acknowledged; more wait on disk.",
+    )
+
+
 class MqttSection(_Section):
     """Publish every reading to an MQTT broker as a Unified Namespace. Absent: no MQTT."""
 
@@ -143,18 +176,17 @@ class MqttSection(_Section):
         description="per_tag: one retained topic per tag; per_device: one message per poll "
         "with every changed tag of the device (for high rates).",
     )
-    qos_values: Literal[0, 1] = 0
+    qos_values: Literal[0, 1] = Field(
+        default=1,
+        description="1: a value leaves the buffer when the broker acknowledges it; 0: when it "
+        "is written to the connection (lost if the connection breaks then).",
+    )
     qos_state: Literal[0, 1] = 1
     retain_values: bool = True
     heartbeat: float | None = Field(
         default=None, gt=0, le=86_400, description="Republish unchanged values every N s."
     )
-    queue_size: int = Field(
-        default=100_000,
-        ge=100,
-        le=10_000_000,
-        description="Messages held while the broker is unreachable; the oldest go first.",
-    )
+    buffer: BufferSection = BufferSection()
 
 
 class OpcUaSection(_Section):

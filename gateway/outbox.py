@@ -504,6 +504,28 @@ class Outbox:
         """Stored messages not yet handed out."""
         return self._stored - self._replay_in_flight
 
+    def oldest_ts_ms(self) -> int | None:
+        """Source timestamp of the oldest message not yet acknowledged (the page's "age").
+
+        One indexed read of the first stored row; rows acked but not yet deleted may make it
+        look up to ``DELETE_BATCH`` messages older than it is.
+        """
+        candidates = [s.message.ts_ms for s in self._in_flight.values()]
+        if self._pending:
+            candidates.append(self._pending[0].message.ts_ms)
+        db = self._db
+        if db is not None and self._stored:
+            try:
+                row = db.execute(
+                    "SELECT ts_ms FROM messages WHERE id > ? ORDER BY id LIMIT 1",
+                    (max(self._to_delete, default=0),),
+                ).fetchone()
+            except sqlite3.Error:
+                row = None
+            if row is not None:
+                candidates.append(int(row[0]))
+        return min(candidates, default=None)
+
     @property
     def stats(self) -> dict[str, int]:
         """Counters for the health page; drops by cause."""

@@ -25,17 +25,26 @@ Payloads are compact UTF-8 JSON::
     P/$gateway/<name>  {"state":"online"}  (or "offline")
 
 A tag is published when its value moved by more than its deadband (any change without one),
-when its quality or reason changed, and every ``heartbeat`` seconds if configured. On every
-(re)connect the sink publishes the gateway "online", every status, what it queued while
-disconnected (oldest first), and then the latest value of every tag, so that retained topics
-are current once the connection is back.
+when its quality or reason changed, and every ``heartbeat`` seconds if configured.
 
-While disconnected, or while the broker reads slower than we write, messages wait in a
-bounded queue (``queue_size`` messages; when full the oldest are dropped and counted). The
-health entry ``runtime.health["mqtt"]`` holds ``connected``, ``broker``, ``queued``,
-``published`` (written to the connection), ``dropped`` (pushed out of the full queue, or
-unwritten when a connection broke), ``reconnects`` and ``last_error``. A relative
-``password_file`` is read relative to the config file's directory, at every attempt.
+Nothing lost: every value message goes through one buffer (``gateway.outbox``). While the
+broker keeps up it stays in memory until the broker's PUBACK (QoS 1, the default); while the
+connection is down, or more than ``buffer.inflight`` messages await their PUBACK, messages go
+to a SQLite file in the data directory (``mqtt-outbox.sqlite``), in one transaction per poll.
+On reconnect they are replayed oldest first at ``buffer.replay_rate`` beside the live data,
+with ``"historical":true`` and never retained (a replayed value must not replace a newer
+one); once the replay is done the retained topics are restated. Every message from the
+buffer carries ``"seq"``: its buffer id, increasing in the order the values were read and
+kept across restarts, so a subscriber sees gaps and duplicates (at least once: a message
+sent when the connection broke is sent again). The refresh after every (re)connect (the
+gateway "online", every status, every tag's latest value, retained) is not buffered data
+and carries no seq. Status topics are state, not history: published on change while
+connected, restated on every connect, never buffered. The health entry
+``runtime.health["mqtt"]`` holds ``connected``, ``broker``, ``queued`` (not yet acked),
+``buffered`` and ``buffered_bytes`` (on disk), ``oldest_age_s``, ``published``, ``replayed``,
+``dropped`` (and by cause: ``dropped_full``, ``dropped_age``, ``dropped_io``),
+``reconnects`` and ``last_error``. A relative ``password_file`` is read relative to the
+config file's directory, at every attempt.
 
 Why not paho's own loop: its ``loop_start()`` thread, its blocking ``connect()`` and its
 reconnect loop would each stall or race the event loop that polls the machines. Here paho
@@ -44,9 +53,10 @@ is a protocol engine only: asyncio makes the TCP connection and watches the sock
 jittered backoff as the device runners.
 
 Why raw packets: ``Client.publish()`` costs ~19 µs per message (a Condition object, a lock,
-a send() per packet). QoS 0 values are therefore encoded here from precomputed topic bytes
-and handed to paho's write queue as one buffer per poll, about 1.5 µs per message. QoS 1
-messages (status, and values if ``qos_values: 1``) go through ``publish()`` as usual.
+a send() per packet). Value messages are therefore encoded here from precomputed topic bytes
+and handed to paho's write queue as one buffer per poll; QoS 1 packet ids come from paho's
+own sequence and the PUBACKs are routed back here by a hook (``_Client._handle_pubackcomp``).
+Status messages go through ``publish()`` as usual.
 """
 
 from __future__ import annotations
@@ -60,7 +70,6 @@ import math
 import os
 import socket
 import time
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,11 +82,20 @@ from gateway.bus import Subscription
 from gateway.config import MqttSection
 from gateway.logutil import OnceLogger
 from gateway.model import Quality, Reading, Reason, TagKey, TagSpec, Value
+from gateway.outbox import Message, Outbox, Stored
 from gateway.runner import Backoff
 from gateway.sinks.base import RuntimeView
 from gateway.status import DeviceState, DeviceStatus
 
-__all__ = ["LinkUser", "MqttLink", "MqttSink", "Will", "value_json", "wait_until"]
+__all__ = [
+    "LinkUser",
+    "MqttLink",
+    "MqttSink",
+    "Will",
+    "encode_publishes",
+    "value_json",
+    "wait_until",
+]
 
 log = logging.getLogger("gateway.sinks.mqtt")
 
@@ -95,6 +113,12 @@ CHUNK_BYTES = 64 * 1024
 MAX_PENDING_WRITES = 64
 #: The same for QoS 1 messages waiting for their PUBACK.
 MAX_PENDING_ACKS = 1000
+#: The buffer's file in the data directory. Fixed, so that a changed client id or topic
+#: layout never orphans what was buffered under the old one.
+OUTBOX_FILE = "mqtt-outbox.sqlite"
+#: Live messages handed to the connection per step, and replayed ones per step.
+PUMP_CHUNK = 2000
+REPLAY_CHUNK = 500
 #: A connection that lasted this long was a good one: the retry backoff starts over. One
 #: that broke sooner keeps the backoff growing, so a flapping link (two gateways sharing a
 #: client id take the session from each other) settles at one attempt per backoff cap
@@ -188,6 +212,70 @@ def _packet(first: int, topic_part: bytes, payload: bytes) -> bytes:
 def _topic_part(topic: str) -> bytes:
     data = topic.encode()
     return len(data).to_bytes(2, "big") + data
+
+
+def _wire_payload(s: Stored) -> bytes:
+    """The payload as sent: ``seq`` (the buffer's id: gaps and duplicates are visible to a
+    subscriber), ``historical`` when replayed, ``clock_synced: false`` when stamped before
+    the clock was set, and the timestamps shifted when the buffer re-based them."""
+    m = s.message
+    payload = m.payload
+    if m.rebased_ms:
+        payload = _rebased(payload, m.rebased_ms)
+    head = b'{"seq":%d,' % s.id
+    if s.historical:
+        head += b'"historical":true,'
+    if not m.clock_synced:
+        head += b'"clock_synced":false,'
+    return head + payload[1:]
+
+
+def encode_publishes(
+    stored: Sequence[Stored], next_mid: Callable[[], int], topic_parts: dict[str, bytes]
+) -> tuple[bytes, list[tuple[int, int]]]:
+    """Buffered messages as concatenated MQTT 3.1.1 PUBLISH packets, and for the QoS 1 ones
+    (packet id, outbox id). ``topic_parts`` caches each topic's encoded form."""
+    parts: list[bytes] = []
+    add = parts.append
+    mids: list[tuple[int, int]] = []
+    for s in stored:
+        m = s.message
+        topic_part = topic_parts.get(m.topic)
+        if topic_part is None:
+            if len(topic_parts) > 100_000:
+                topic_parts.clear()
+            topic_part = topic_parts[m.topic] = _topic_part(m.topic)
+        payload = _wire_payload(s)
+        # Historical messages are never retained: they would replace a newer value.
+        retain = m.retain and not s.historical
+        if m.qos:
+            mid = next_mid()
+            mids.append((mid, s.id))
+            add(bytes((0x32 | retain,)) + _remaining_length(len(topic_part) + 2 + len(payload)))
+            add(topic_part)
+            add(mid.to_bytes(2, "big"))
+        else:
+            add(bytes((0x30 | retain,)) + _remaining_length(len(topic_part) + len(payload)))
+            add(topic_part)
+        add(payload)
+    return b"".join(parts), mids
+
+
+def _rebased(payload: bytes, offset_ms: int) -> bytes:
+    """Every ``ts_ms`` (and the ``ts`` beside it) moved by the measured clock step."""
+    doc = json.loads(payload)
+
+    def shift(node: object) -> None:
+        if isinstance(node, dict):
+            if isinstance(node.get("ts_ms"), int):
+                node["ts_ms"] += offset_ms
+                if "ts" in node:
+                    node["ts"] = _iso_ms(node["ts_ms"])
+            for child in node.values():
+                shift(child)
+
+    shift(doc)
+    return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 class _Tag:
@@ -285,9 +373,9 @@ class MqttLink:
 
     paho is used as a protocol engine only (see the module docstring). The link publishes
     nothing by itself; its user (:class:`LinkUser`) is told when the connection comes and
-    goes and sends through :meth:`queue_raw`, :meth:`raw_qos1` and :meth:`publish`. The Last
-    Will is asked for before every connect, because a Sparkplug edge node's changes per
-    session (its bdSeq).
+    goes, and sends through :meth:`queue_raw` (with :meth:`next_mid` for QoS 1) and
+    :meth:`publish`. The Last Will is asked for before every connect, because a Sparkplug
+    edge node's changes per session (its bdSeq).
     """
 
     def __init__(
@@ -651,10 +739,6 @@ async def wait_until(done: Callable[[], bool], seconds: float) -> bool:
     return True
 
 
-#: A message queued while disconnected: a ready QoS 0 packet, or (topic, payload, retain).
-_Queued = bytes | tuple[str, bytes, bool]
-
-
 class MqttSink:
     """Publishes readings and device states to one MQTT broker; see the module docstring."""
 
@@ -671,18 +755,30 @@ class MqttSink:
         self._per_device = section.topic_shape == "per_device"
         self._qos_values = section.qos_values
         self._qos_state = section.qos_state
-        # Only QoS 0 values take the raw-packet path; QoS 1 needs paho's packet ids and acks.
-        self._raw = self._qos_values == 0
         self._value_first = _PUBLISH | (0 if self._per_device else int(section.retain_values))
         self._retain_values = section.retain_values and not self._per_device
         self._heartbeat = section.heartbeat or math.inf
         self._tags: dict[TagKey, _Tag] = {}
         self._device_topics: dict[str, str] = {}
         self._device_heads: dict[str, str] = {}
-        self._headers: dict[int, bytes] = {}
-        self._tails: dict[float, tuple[str, str]] = {}
+        self._tails: dict[float, tuple[str, str, int]] = {}
         self._details: dict[str, str] = {}
-        self._queue: deque[_Queued] = deque(maxlen=section.queue_size)
+        buf = section.buffer
+        self._outbox = Outbox(
+            runtime.data_dir / OUTBOX_FILE,
+            max_bytes=int(buf.max_mb * 1e6),
+            max_age_s=buf.max_age_h * 3600,
+            when_full=buf.when_full,
+            fsync=buf.fsync,
+            window=buf.inflight,
+            replay_rate=buf.replay_rate,
+        )
+        self._in_flight: dict[int, int] = {}  # packet id -> outbox id
+        self._acks: list[int] = []
+        self._acks_scheduled = False
+        self._topic_parts: dict[str, bytes] = {}
+        self._replay_wake = asyncio.Event()
+        self._replay_task: asyncio.Task[None] | None = None
         self._status_sent: dict[str, bytes] = {}
         self._link = MqttLink(
             runtime,
@@ -695,10 +791,7 @@ class MqttSink:
         self._link.on_change = self._update_health
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
-        self._drain_scheduled = False
-        self._forcing = False
         self.published = 0
-        self.dropped = 0
         self._health: dict[str, object] = {}
         self._update_health()
         runtime.health[self.name] = self._health
@@ -715,6 +808,14 @@ class MqttSink:
             return
         self._loop = asyncio.get_running_loop()
         self._build_topics()
+        # Opened before anything is published: a buffer that cannot be opened (locked by a
+        # second gateway on the same data directory, a newer schema) fails the start loudly.
+        self._outbox.open()
+        stored = self._outbox.stats["stored"]
+        if stored:
+            log.info("MQTT: %d buffered message(s) from before the restart to replay", stored)
+        self._replay_task = asyncio.create_task(self._replay(), name="mqtt[replay]")
+        self._replay_task.add_done_callback(self._crashed)
         self._link.start()
 
     async def run(self, sub: Subscription) -> None:
@@ -728,7 +829,9 @@ class MqttSink:
         finally:
             watcher.cancel()
             await asyncio.wait([watcher])
-        # Drivers have stopped: publish their final state, then what is still queued.
+        # Drivers have stopped: publish their final state, then the live messages still in
+        # memory. What waits on disk stays there for the next start.
+        await self._stop_replay()
         self._sync_status()
         await self._flush(FLUSH_TIMEOUT)
 
@@ -737,10 +840,22 @@ class MqttSink:
         if self._closed:
             return
         self._closed = True
+        await self._stop_replay()
         await self._link.close(Will(self._gateway_topic, _OFFLINE, self._qos_state, True))
-        if self._queue:
-            log.warning("MQTT: %d queued message(s) were not delivered", len(self._queue))
+        self._flush_acks()
+        self._in_flight.clear()
+        kept = self._outbox.stats["queued_messages"]
         self._update_health()
+        # Unacknowledged messages go to disk and are sent again after the next start.
+        self._outbox.close()
+        if kept:
+            log.info("MQTT: %d undelivered message(s) kept in the buffer for the next start", kept)
+
+    async def _stop_replay(self) -> None:
+        task, self._replay_task = self._replay_task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.wait([task])
 
     def _crashed(self, task: asyncio.Task[None]) -> None:
         """A bug in a background task must not leave MQTT silently dead: say so, loudly."""
@@ -776,37 +891,51 @@ class MqttSink:
         self._link.publish(self._gateway_topic, _ONLINE, self._qos_state, True)
         self._status_sent.clear()
         self._sync_status()
-        self._drain(force=True)
         self._publish_all()
+        self._pump()
+        self._replay_wake.set()
         self._update_health()
 
     def link_down(self, unsent_raw: int) -> None:
-        # What paho had not written yet is lost with the connection: count it honestly.
-        self.dropped += unsent_raw
+        # Acks that arrived before the drop are real; everything else handed over and not
+        # acknowledged goes back to the buffer (on disk) and is sent again: at least once.
         self.published -= unsent_raw
+        acks, self._acks = self._acks, []
+        if acks:
+            self._outbox.acked(acks)
+        self._in_flight.clear()
+        self._outbox.spill()
 
     def link_writable(self) -> None:
         # Not from inside loop_write's own bookkeeping, hence call_soon.
-        if self._queue and not self._drain_scheduled and self._loop is not None:
-            self._drain_scheduled = True
-            self._loop.call_soon(self._drain)
+        if not self._acks_scheduled and self._loop is not None:
+            self._acks_scheduled = True
+            self._loop.call_soon(self._flush_acks)
 
     def link_acked(self, mid: int) -> bool:
-        return False
+        id_ = self._in_flight.pop(mid, None)
+        if id_ is None:
+            return False
+        # Applied once per read from the socket, not once per PUBACK.
+        self._acks.append(id_)
+        if not self._acks_scheduled and self._loop is not None:
+            self._acks_scheduled = True
+            self._loop.call_soon(self._flush_acks)
+        return True
 
     def link_message(self, topic: str, payload: bytes) -> None:
         pass
 
     # -- value messages ------------------------------------------------------------------
 
-    def _tail(self, ts: float) -> tuple[str, str]:
-        """``,"ts":"...","ts_ms":N}`` and ``N`` for a source timestamp; one poll shares one."""
+    def _tail(self, ts: float) -> tuple[str, str, int]:
+        """``,"ts":"...","ts_ms":N}``, ``N`` and N for a source timestamp; a poll shares one."""
         ts_ms = round(ts * 1000)
-        pair = (f',"ts":"{_iso_ms(ts_ms)}","ts_ms":{ts_ms}}}', str(ts_ms))
+        triple = (f',"ts":"{_iso_ms(ts_ms)}","ts_ms":{ts_ms}}}', str(ts_ms), ts_ms)
         if len(self._tails) > 1024:
             self._tails.clear()
-        self._tails[ts] = pair
-        return pair
+        self._tails[ts] = triple
+        return triple
 
     def _bad_part(self, quality: Quality, reason: Reason, detail: str) -> str:
         """``bad","reason":"timeout","detail":"..."``: after ``"quality":"``."""
@@ -822,24 +951,28 @@ class MqttSink:
         return None if spec is None else self._add_tag(spec)
 
     def _on_batch_per_tag(self, batch: Sequence[Reading], *, everything: bool = False) -> None:
-        """Report by exception, one message per changed tag; the hot path of the sink."""
+        """Report by exception, one message per changed tag; the hot path of the sink.
+
+        ``everything``: the refresh after a connect, straight to the connection (QoS 0, not
+        through the buffer): it restates retained topics, it is not new data.
+        """
         tails = self._tails
-        headers = self._headers
-        raw = self._raw
-        first = self._value_first
-        parts: list[bytes] = []
-        add = parts.append
-        messages: list[tuple[str, bytes]] = []
         good = Quality.GOOD
+        synced = self._clock_synced()
+        qos = self._qos_values
+        retain = self._retain_values
+        out: list[Message] = []
+        refresh: list[bytes] = []
         # The readings of one poll share their timestamp: format it once.
         last_ts = math.nan
         tail = ""
+        ts_ms = 0
         for tag, (_key, value, quality, ts, reason, detail, _raw) in self._to_send(
             batch, everything
         ):
             if ts != last_ts:
                 last_ts = ts
-                tail = (tails.get(ts) or self._tail(ts))[0]
+                tail, _, ts_ms = tails.get(ts) or self._tail(ts)
             text = value_json(value)
             if quality is good:
                 body = f'{{"value":{text}{tag.good}{tail}'
@@ -847,21 +980,14 @@ class MqttSink:
                 body = (
                     f'{{"value":{text}{tag.unit_q}{self._bad_part(quality, reason, detail)}{tail}'
                 )
-            payload = body.encode()
-            if raw:
-                size = len(tag.topic_part) + len(payload)
-                header = headers.get(size)
-                if header is None:
-                    header = headers[size] = bytes((first,)) + _remaining_length(size)
-                add(header)
-                add(tag.topic_part)
-                add(payload)
+            if everything:
+                refresh.append(_packet(self._value_first, tag.topic_part, body.encode()))
             else:
-                messages.append((tag.topic, payload))
-        if parts:
-            self._send_raw(parts)
-        for topic, payload in messages:
-            self._send_message(topic, payload, self._retain_values)
+                out.append(Message(tag.topic, body.encode(), qos, retain, ts_ms, synced))
+        if refresh:
+            self._refresh(refresh)
+        if out:
+            self._offer(out)
 
     def _to_send(
         self, batch: Sequence[Reading], everything: bool
@@ -923,37 +1049,26 @@ class MqttSink:
         if not groups:
             return
         newest[device] = top
-        parts: list[bytes] = []
-        messages: list[tuple[str, bytes]] = []
+        synced = self._clock_synced()
+        out: list[Message] = []
+        refresh: list[bytes] = []
         for device, items in groups.items():
-            body = (
-                f"{self._device_heads[device]}{round(newest[device] * 1000)}"
-                f',"values":{{{",".join(items)}}}}}'
-            )
+            ts_ms = round(newest[device] * 1000)
+            body = f'{self._device_heads[device]}{ts_ms},"values":{{{",".join(items)}}}}}'
             topic = self._device_topics[device]
-            payload = body.encode()
-            if self._raw:
-                parts.append(_packet(self._value_first, _topic_part(topic), payload))
+            if everything:
+                refresh.append(_packet(_PUBLISH, _topic_part(topic), body.encode()))
             else:
-                messages.append((topic, payload))
-        if parts:
-            self._send_raw(parts, split=False)
-        for topic, payload in messages:
-            self._send_message(topic, payload, False)
+                out.append(Message(topic, body.encode(), self._qos_values, False, ts_ms, synced))
+        if refresh:
+            self._refresh(refresh)
+        if out:
+            self._offer(out)
 
     def _publish_all(self) -> None:
         """Every tag's latest value, as if it had changed: after a (re)connect."""
         latest = self.runtime.bus.latest
         batch = [latest[key] for key in self._tags if key in latest]
-        # Straight to the connection even when paho is backlogged (just after a big drain):
-        # through our bounded queue, a large snapshot could push out its own beginning.
-        self._forcing = True
-        try:
-            self._publish_batches(batch)
-        finally:
-            self._forcing = False
-
-    def _publish_batches(self, batch: list[Reading]) -> None:
         if self._per_device:
             by_device: dict[str, list[Reading]] = {}
             for reading in batch:
@@ -965,83 +1080,96 @@ class MqttSink:
             for i in range(0, len(batch), step):
                 self._on_batch_per_tag(batch[i : i + step], everything=True)
 
-    # -- sending and queueing ------------------------------------------------------------
+    def _clock_synced(self) -> bool:
+        clock = getattr(self.runtime, "clock", None)
+        return clock is None or clock.synced is not False
 
-    def _backlogged(self) -> bool:
-        return self._link.backlogged()
+    # -- the buffer and the wire ---------------------------------------------------------
 
-    def _can_send(self) -> bool:
-        if not self._connected:
-            return False
-        if self._forcing:
-            return True
-        if self._queue:
-            self._drain()
-        return not self._queue and not self._backlogged()
+    def _refresh(self, packets: list[bytes]) -> None:
+        if self._connected:
+            self._link.queue_raw(b"".join(packets), len(packets))
+            self.published += len(packets)
 
-    def _send_raw(self, parts: list[bytes], *, split: bool = True) -> None:
-        """QoS 0 packets: one write-queue entry for the whole poll, or into the queue.
+    def _offer(self, messages: list[Message]) -> None:
+        """Every value message goes through the buffer: in memory while the broker keeps up,
+        on disk while it cannot."""
+        deliverable = self._connected and not self._link.backlogged()
+        box = self._outbox
+        box.put(messages, deliverable=deliverable)
+        if deliverable:
+            self._pump()
 
-        ``parts`` is (header, topic, payload) triples when ``split``, else whole packets.
+    def _pump(self) -> None:
+        """Live messages waiting in memory, to the connection."""
+        if self._connected and not self._link.backlogged():
+            live = self._outbox.next_live(PUMP_CHUNK)
+            if live:
+                self._send(live)
+
+    def _send(self, stored: list[Stored]) -> None:
+        """Buffered messages as raw PUBLISH packets, one write-queue entry for all of them.
+
+        QoS 1 packets take their packet id from paho's sequence and are tracked here (not by
+        paho, whose per-message bookkeeping costs ~19 us); the PUBACK hook hands the id back.
         """
-        count = len(parts) // 3 if split else len(parts)
-        if self._can_send():
-            self._link.queue_raw(b"".join(parts), count)
-            self.published += count
-            return
-        if split:
-            self._enqueue([b"".join(parts[i : i + 3]) for i in range(0, len(parts), 3)])
-        else:
-            self._enqueue(parts)
-
-    def _send_message(self, topic: str, payload: bytes, retain: bool) -> None:
-        if self._can_send():
-            self._link.publish(topic, payload, self._qos_values, retain)
-            self.published += 1
-        else:
-            self._enqueue([(topic, payload, retain)])
-
-    def _enqueue(self, items: Sequence[_Queued]) -> None:
-        queue = self._queue
-        # A deque with maxlen drops from the other end by itself: the oldest go first.
-        overflow = len(queue) + len(items) - self.section.queue_size
-        if overflow > 0:
-            self.dropped += overflow
-        queue.extend(items)
-
-    def _drain(self, *, force: bool = False) -> None:
-        """Move queued messages, oldest first, to the connection; all of them when ``force``."""
-        self._drain_scheduled = False
         link = self._link
-        queue = self._queue
-        if link.client is None:
-            return
-        while queue and self._connected and (force or not self._backlogged()):
-            if isinstance(queue[0], bytes):
-                chunk: list[bytes] = []
-                size = 0
-                while queue and isinstance(queue[0], bytes) and size < CHUNK_BYTES:
-                    packet = queue.popleft()
-                    assert isinstance(packet, bytes)
-                    chunk.append(packet)
-                    size += len(packet)
-                link.queue_raw(b"".join(chunk), len(chunk))
-                self.published += len(chunk)
-            else:
-                item = queue.popleft()
-                assert isinstance(item, tuple)
-                topic, payload, retain = item
-                link.publish(topic, payload, self._qos_values, retain)
-                self.published += 1
+        data, mids = encode_publishes(stored, link.next_mid, self._topic_parts)
+        self._in_flight.update(mids)
+        link.queue_raw(data, len(stored))
+        self.published += len(stored)
+        # QoS 0: written to the connection is as acknowledged as it gets.
+        unacked = [s.id for s in stored if not s.message.qos]
+        if unacked:
+            self._outbox.acked(unacked)
+
+    def _flush_acks(self) -> None:
+        self._acks_scheduled = False
+        acks, self._acks = self._acks, []
+        if acks:
+            self._outbox.acked(acks)
+        self._pump()
+        self._replay_wake.set()
+
+    async def _replay(self) -> None:
+        """What waited on disk, oldest first, at ``buffer.replay_rate``, beside live data."""
+        box = self._outbox
+        wake = self._replay_wake
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.5):
+                    await wake.wait()
+            wake.clear()
+            replayed = False
+            while self._connected and box.to_replay > 0 and not self._link.backlogged():
+                batch = box.next_replay(REPLAY_CHUNK)
+                if not batch:
+                    # The rate limit or the in-flight window: acks and time make room.
+                    await asyncio.sleep(0.01)
+                    continue
+                self._send(batch)
+                replayed = True
+                self._update_health()
+                await asyncio.sleep(0)
+            if replayed and box.to_replay == 0 and self._connected:
+                # Replayed values are not retained, so what went to disk while connected
+                # (a slow broker) left retained topics behind the newest value: restate.
+                self._publish_all()
 
     async def _flush(self, seconds: float) -> None:
-        """Hand over the queue and wait (bounded) until paho has written and been acked."""
+        """Wait (bounded) until every live message handed over is written and acknowledged."""
         if self._link.client is None or not self._connected:
             return
-        self._drain(force=True)
-        await wait_until(
-            lambda: not self._connected or (self._link.idle() and not self._queue), seconds
-        )
+        self._pump()
+
+        def done() -> bool:
+            st = self._outbox.stats
+            return not self._connected or (
+                self._link.idle() and st["pending"] == 0 and not self._in_flight
+            )
+
+        await wait_until(done, seconds)
+        self._flush_acks()
         self._update_health()
 
     # -- device and machine states -------------------------------------------------------
@@ -1080,13 +1208,22 @@ class MqttSink:
     def _update_health(self) -> None:
         h = self._health
         link = self._link
+        st = self._outbox.stats
         h["connected"] = link.connected
         h["broker"] = link.broker
-        h["queued"] = len(self._queue)
+        h["queued"] = st["queued_messages"]
+        h["buffered"] = st["stored"]
+        h["buffered_bytes"] = st["stored_bytes"]
+        oldest = self._outbox.oldest_ts_ms() if st["queued_messages"] else None
+        h["oldest_age_s"] = None if oldest is None else round(time.time() - oldest / 1000, 1)
         h["published"] = self.published
-        h["dropped"] = self.dropped
+        h["replayed"] = st["replayed"]
+        h["dropped"] = st["dropped_full"] + st["dropped_age"] + st["dropped_io"]
+        h["dropped_full"] = st["dropped_full"]
+        h["dropped_age"] = st["dropped_age"]
+        h["dropped_io"] = st["dropped_io"]
         h["reconnects"] = link.reconnects
-        h["last_error"] = link.last_error
+        h["last_error"] = link.last_error or self._outbox.last_error
 
 
 def _device_status(st: DeviceStatus) -> bytes:

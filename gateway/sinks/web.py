@@ -188,6 +188,13 @@ def _fmt_age(seconds: float) -> str:
     return f"{s // 86400} d {s % 86400 // 3600} h ago"
 
 
+def _fmt_secs(value: object) -> str:
+    """An age in seconds for a counter line; "—" when there is none."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return "—"
+    return f"{value:.0f} s" if value < 120 else f"{value / 60:.0f} min"
+
+
 def _fmt_uptime(seconds: float) -> str:
     return _fmt_age(seconds).removesuffix(" ago")
 
@@ -1127,12 +1134,20 @@ class WebSink:
         mqtt = health.get("mqtt") or {}
         for key, kind, help_ in (
             ("connected", "gauge", "1 while connected to the MQTT broker."),
-            ("published", "counter", "MQTT messages published."),
-            ("dropped", "counter", "MQTT messages dropped (queue full)."),
-            ("queued", "gauge", "MQTT messages waiting for the broker."),
+            ("published", "counter", "MQTT messages written to the connection."),
+            ("dropped", "counter", "MQTT messages dropped from the buffer (all causes)."),
+            ("dropped_full", "counter", "MQTT messages dropped: buffer full."),
+            ("dropped_age", "counter", "MQTT messages dropped: older than buffer.max_age_h."),
+            ("dropped_io", "counter", "MQTT messages dropped: the buffer could not be written."),
+            ("queued", "gauge", "MQTT messages not yet acknowledged by the broker."),
+            ("buffered", "gauge", "MQTT messages waiting on disk for the broker."),
+            ("buffered_bytes", "gauge", "Bytes of MQTT messages waiting on disk."),
+            ("oldest_age_s", "gauge", "Age of the oldest unacknowledged MQTT message, s."),
+            ("replayed", "counter", "MQTT messages replayed from disk after an outage."),
         ):
             value = _number(mqtt.get(key))
-            name = f"retrofit_gw_mqtt_{key}" + ("_total" if kind == "counter" else "")
+            metric = key.replace("_age_s", "_age_seconds")
+            name = f"retrofit_gw_mqtt_{metric}" + ("_total" if kind == "counter" else "")
             m.family(name, kind, help_, [("", value)] if value is not None else [])
         sessions = _number((health.get("opcua") or {}).get("sessions"))
         m.family(
@@ -1249,8 +1264,12 @@ class WebSink:
             f'<div class="line"><span class="badge {_conn_class(connected)}" data-f="connected" '
             f'data-kind="conn">{_conn_text(connected)}</span> '
             f'<span class="mono">{e(str(broker))}</span></div>'
-            f'<div class="line">Queue <b data-f="queued">{e(_fmt_value(h.get("queued")))}</b>'
-            f' · sent <b data-f="published">{e(_fmt_value(h.get("published")))}</b>'
+            f'<div class="line">Buffered <b data-f="buffered">'
+            f"{e(_fmt_value(h.get('buffered')))}</b>"
+            f' · oldest <b data-f="oldest_age_s" data-kind="secs">'
+            f"{e(_fmt_secs(h.get('oldest_age_s')))}</b>"
+            f' · replayed <b data-f="replayed">{e(_fmt_value(h.get("replayed")))}</b></div>'
+            f'<div class="line">Sent <b data-f="published">{e(_fmt_value(h.get("published")))}</b>'
             f' · dropped <b data-f="dropped">{e(_fmt_value(h.get("dropped")))}</b></div></div>'
         )
 

@@ -28,7 +28,7 @@ from gateway.config import GatewayConfig, LoadedConfig
 from gateway.model import Quality, Reading, Reason
 from gateway.runner import Backoff
 from gateway.sinks.base import Sink
-from gateway.sinks.mqtt import MAX_PENDING_WRITES, MqttSink, value_json
+from gateway.sinks.mqtt import MAX_PENDING_WRITES, MqttSink, encode_publishes, value_json
 from tests.conftest import free_port
 from tests.sinks.conftest import Message, Mosquitto, Watcher
 
@@ -153,7 +153,7 @@ def test_value_json_is_valid_json(value: Any, expected: Any) -> None:
 
 
 def _decode_publishes(data: bytes) -> list[tuple[str, bytes, int]]:
-    """Split concatenated MQTT 3.1.1 QoS 0 PUBLISH packets into (topic, payload, flags)."""
+    """Split concatenated MQTT 3.1.1 PUBLISH packets into (topic, payload, flags)."""
     out = []
     i = 0
     while i < len(data):
@@ -171,7 +171,9 @@ def _decode_publishes(data: bytes) -> list[tuple[str, bytes, int]]:
         packet = data[i : i + length]
         i += length
         tlen = int.from_bytes(packet[:2], "big")
-        out.append((packet[2 : 2 + tlen].decode(), bytes(packet[2 + tlen :]), first & 0x0F))
+        # QoS 1 and 2 carry a packet id after the topic.
+        body = 2 + tlen + (2 if first & 0x06 else 0)
+        out.append((packet[2 : 2 + tlen].decode(), bytes(packet[body:]), first & 0x0F))
     return out
 
 
@@ -195,20 +197,27 @@ def test_encoded_packets_are_valid_mqtt_and_json(tmp_path: Path) -> None:
         Reading("lathe-1/s", 'q"\\é' + big, Quality.GOOD, ts),
         Reading("lathe-1/b", None, Quality.BAD, ts, Reason.TIMEOUT, 'no "answer"\n'),
     ]
+    box = sink._outbox
+    box.open()
     sink._on_batch_per_tag(batch)
-    # Not connected: every message waits in the queue as one ready packet.
-    assert len(sink._queue) == 4
-    packets = [p for q in sink._queue if isinstance(q, bytes) for p in _decode_publishes(q)]
+    # Not connected: every message waits in the buffer, on disk.
+    assert box.stats["stored"] == 4
+    mids = iter(range(100, 200))
+    data, sent = encode_publishes(box.next_live(10) + box.next_replay(10), mids.__next__, {})
+    assert [mid for mid, _ in sent] == [100, 101, 102, 103]
+    packets = _decode_publishes(data)
     got = {topic: (json.loads(payload), flags) for topic, payload, flags in packets}
     assert got[f"{LATHE}/f"] == (
         {
+            "seq": 1,
+            "historical": True,
             "value": 1.25,
             "unit": 'in"/s\\',
             "quality": "good",
             "ts": "2026-11-21T06:50:00.123Z",
             "ts_ms": 1795243800123,
         },
-        1,  # retained, QoS 0
+        2,  # QoS 1, and not retained: a replayed value must not replace a newer one
     )
     i = got[f"{LATHE}/i"][0]
     assert (i["value"], i["unit"], i["quality"], i["reason"], i["detail"]) == (
@@ -229,9 +238,10 @@ def test_encoded_packets_are_valid_mqtt_and_json(tmp_path: Path) -> None:
     )
     # Unchanged: nothing new. Same value, new quality: published.
     sink._on_batch_per_tag(batch)
-    assert len(sink._queue) == 4
+    assert box.stats["queued_messages"] == 4
     sink._on_batch_per_tag([Reading("lathe-1/f", 1.25, Quality.BAD, ts, Reason.TIMEOUT, "t")])
-    assert len(sink._queue) == 5
+    assert box.stats["queued_messages"] == 5
+    box.close()
 
 
 # -- against mosquitto --------------------------------------------------------------------------
@@ -259,7 +269,12 @@ async def test_topics_payloads_and_retained_state_then_clean_shutdown(
             assert speed is not None
             assert speed.retain
             doc = speed.json()
-            assert list(doc) == ["value", "unit", "quality", "ts", "ts_ms"]
+            # A value from the buffer carries its seq; the restatement of retained values
+            # after a connect does not (it is not new data).
+            assert list(doc) in (
+                ["seq", "value", "unit", "quality", "ts", "ts_ms"],
+                ["value", "unit", "quality", "ts", "ts_ms"],
+            )
             assert (doc["value"], doc["unit"], doc["quality"]) == (1450, "rpm", "good")
             assert abs(doc["ts_ms"] / 1000 - time.time()) < 5
             assert doc["ts"].endswith("Z")
@@ -461,7 +476,7 @@ async def test_broker_outage_never_stalls_polling_and_state_is_current_after(
         {"name": f"c{i}", "table": "holding", "address": 2 if i == 0 else 4 + i, "type": "uint16"}
         for i in range(4)
     ]
-    mqtt = {"port": mosquitto_broker.port, "queue_size": 100}
+    mqtt = {"port": mosquitto_broker.port}
     gw = Gateway(make_config(tmp_path, dev_port, mqtt, interval=0.02, tags=tags))
     rec = Recorder()
     async with (
@@ -472,15 +487,15 @@ async def test_broker_outage_never_stalls_polling_and_state_is_current_after(
         await wait_for(lambda: health["connected"] and health["published"] > 20)
         await mosquitto_broker.astop()
         await wait_for(lambda: not health["connected"])
-        # 4 tags x 50 polls/s: the 100-message queue overflows within a second.
-        await wait_for(lambda: health["dropped"] > 0, 3)
-        assert health["queued"] == 100
+        # 4 tags x 50 polls/s go to the buffer on disk meanwhile; nothing is dropped.
+        await wait_for(lambda: health["buffered"] > 50, 3)
         assert health["last_error"]
         await asyncio.sleep(0.3)
         await mosquitto_broker.astart()
         await wait_for(lambda: health["connected"], 5)
         assert health["reconnects"] == 1
-        await wait_for(lambda: health["queued"] == 0)
+        await wait_for(lambda: health["buffered"] == 0 and health["replayed"] > 50)
+        assert health["dropped"] == 0
         restarted = time.time()
         await asyncio.sleep(0.2)
         # mosquitto kept nothing (persistence false): all retained state is republished.
@@ -503,8 +518,9 @@ async def test_stalled_broker_keeps_memory_bounded(
     tmp_path: Path, mosquitto_broker: Mosquitto
 ) -> None:
     """A broker that stops reading (SIGSTOP) fills the socket, then paho's write queue (to a
-    bound), then our queue (dropping the oldest); once it reads again, everything drains."""
-    mqtt = {"port": mosquitto_broker.port, "queue_size": 100}
+    bound), then the buffer's in-memory window, then the buffer on disk; once it reads again,
+    everything drains and the retained value is the newest."""
+    mqtt = {"port": mosquitto_broker.port, "buffer": {"inflight": 100}}
     gw = Gateway(make_config(tmp_path, free_port(), mqtt))
     sink = fast_sink(gw)
     await sink.start()
@@ -519,17 +535,23 @@ async def test_stalled_broker_keeps_memory_bounded(
         most = 0
         for i in range(6000):  # 24 MB: more than the kernel buffers of both ends hold
             reading = Reading("lathe-1/model", f"{i:06d}{pad}", Quality.GOOD, time.time())
+            gw.bus.publish([reading])  # the latest value, which a restatement sends
             sink._on_batch_per_tag([reading])
             most = max(most, len(client._out_packet))
             if i % 20 == 0:
                 await asyncio.sleep(0)
-        # Connected all along: the queue filled because paho's write queue was at its bound.
+        # Connected all along: the buffer filled because paho's write queue was at its bound.
         assert sink._connected
-        assert MAX_PENDING_WRITES <= most <= MAX_PENDING_WRITES + 1
-        assert len(sink._queue) == 100
-        assert sink.dropped > 0
+        # paho's write queue stays bounded (the buffer's window may bind first).
+        assert 0 < most <= MAX_PENDING_WRITES + 1
+        st = sink._outbox.stats
+        assert st["pending"] + st["in_flight"] <= 2 * 100  # live window + replay window
+        assert st["stored"] > 1000
+        assert st["dropped_full"] == st["dropped_age"] == 0
         proc.send_signal(signal.SIGCONT)
-        await wait_for(lambda: not sink._queue and not client.want_write(), 10)
+        await wait_for(
+            lambda: sink._outbox.stats["queued_messages"] == 0 and not client.want_write(), 20
+        )
         assert sink._link.reconnects == 0
         async with Watcher(mosquitto_broker.port, f"{LATHE}/model") as w:
             await w.wait(lambda: w.latest(f"{LATHE}/model"))
@@ -546,8 +568,10 @@ async def test_two_gateways_sharing_a_client_id_do_not_flap_fast(
     would take it from each other several times a second, forever."""
     caplog.set_level(logging.WARNING, logger="gateway.sinks.mqtt")
     sinks = []
-    for _ in range(2):
-        gw = Gateway(make_config(tmp_path, free_port(), {"port": mosquitto}))
+    for i in range(2):
+        # Each its own data directory: two gateways never share one buffer file (it is locked).
+        (tmp_path / str(i)).mkdir()
+        gw = Gateway(make_config(tmp_path / str(i), free_port(), {"port": mosquitto}))
         assert gw.config.mqtt is not None
         sinks.append(MqttSink(gw, gw.config.mqtt, backoff=Backoff(base=0.2, cap=5.0)))
     try:

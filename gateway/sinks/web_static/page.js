@@ -124,6 +124,9 @@
           const cls = "badge " + (v === true ? "ok" : v === false ? "bad" : "idle");
           if (x.className !== cls) x.className = cls;
           setText(x, v === true ? "CONNECTED" : v === false ? "DISCONNECTED" : "—");
+        } else if (x.dataset.kind === "secs") {
+          // The same rule as _fmt_secs in web.py.
+          setText(x, typeof v !== "number" ? "—" : v < 120 ? v.toFixed(0) + " s" : (v / 60).toFixed(0) + " min");
         } else {
           setText(x, v === null ? "—" : String(v));
         }
