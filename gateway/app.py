@@ -8,6 +8,7 @@ then the bus is closed so that sinks drain what is queued, then sinks end.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import importlib
 import logging
@@ -20,6 +21,7 @@ from typing import Any
 import drivers
 from drivers.base import Describable, Diagnosable, Driver
 from gateway.bus import Bus, Subscription
+from gateway.clock import ClockWatch
 from gateway.config import GatewayConfig, LoadedConfig
 from gateway.model import Reading, TagSpec
 from gateway.runner import RETRIABLE, Backoff, DeviceRunner
@@ -90,6 +92,8 @@ class Gateway:
     statuses: dict[str, DeviceStatus] = field(init=False, default_factory=dict)
     started_at: float = field(init=False, default_factory=time.time)
     health: dict[str, dict[str, object]] = field(init=False, default_factory=dict)
+    #: Probed once here (adjtimex, else a bounded timedatectl call), checked every second.
+    clock: ClockWatch = field(init=False, default_factory=ClockWatch)
 
     def __post_init__(self) -> None:
         cfg = self.loaded.config
@@ -171,6 +175,7 @@ class Gateway:
                     self.bus.close()
 
                 tg.create_task(close_bus_after_drivers(), name="bus[close-after-drivers]")
+                tg.create_task(self._watch_clock(stop), name="clock[watch]")
         finally:
             gc.unfreeze()
             # Reverse order of start; each close is idempotent and safe after a failed start.
@@ -180,6 +185,23 @@ class Gateway:
                 except Exception:
                     log.exception("closing sink %s failed", sink.name)
         log.info("gateway stopped")
+
+    async def _watch_clock(self, stop: asyncio.Event) -> None:
+        """Once a second: is the clock synchronised, did it step? For the page and the MQTT
+        buffer, which re-bases what it stamped before a step."""
+        clock = self.clock
+        self.health["clock"] = clock.as_dict()
+        if clock.synced is False:
+            log.warning(
+                "the system clock is not synchronised (no NTP yet?): readings are marked "
+                "clock_synced false until it is, and re-based when it steps"
+            )
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await stop.wait()
+            clock.check()
+            self.health["clock"] = clock.as_dict()
 
     @staticmethod
     async def _start_sinks(sinks: Sequence[Sink]) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Protocol
 
 from gateway.bus import Bus, Subscription
+from gateway.clock import ClockWatch
 from gateway.config import GatewayConfig
 from gateway.model import TagSpec
 from gateway.status import DeviceStatus
@@ -47,6 +48,11 @@ class RuntimeView(Protocol):
 
     @property
     def data_dir(self) -> Path: ...
+
+    #: Whether the wall clock is synchronised (NTP) and how it stepped: a Pi without an RTC
+    #: boots with a stale clock. Sinks that keep readings (the MQTT buffer) re-base them.
+    @property
+    def clock(self) -> ClockWatch: ...
 
     #: Sink name -> its state for the status page and /metrics, e.g.
     #: ``{"mqtt": {"connected": True, "queued": 0, "published": 1234, "dropped": 0}}``.

@@ -778,6 +778,7 @@ class MqttSink:
         self._acks_scheduled = False
         self._topic_parts: dict[str, bytes] = {}
         self._replay_wake = asyncio.Event()
+        self._steps_seen = runtime.clock.step_count
         self._replay_task: asyncio.Task[None] | None = None
         self._status_sent: dict[str, bytes] = {}
         self._link = MqttLink(
@@ -1081,8 +1082,20 @@ class MqttSink:
                 self._on_batch_per_tag(batch[i : i + step], everything=True)
 
     def _clock_synced(self) -> bool:
-        clock = getattr(self.runtime, "clock", None)
-        return clock is None or clock.synced is not False
+        # Unknown (no adjtimex, no timedatectl) counts as synchronised: nothing to re-base by.
+        return self.runtime.clock.synced is not False
+
+    def _rebase_on_steps(self) -> None:
+        """Shift what was stamped before the clock was set by each step measured since."""
+        clock = self.runtime.clock
+        new = clock.step_count - self._steps_seen
+        if new <= 0:
+            return
+        self._steps_seen = clock.step_count
+        for step in list(clock.steps)[-new:]:
+            offset_ms = round(step.delta * 1000)
+            log.info("MQTT: clock stepped by %+.3f s: re-basing buffered readings", step.delta)
+            self._outbox.rebase(offset_ms)
 
     # -- the buffer and the wire ---------------------------------------------------------
 
@@ -1140,6 +1153,7 @@ class MqttSink:
                 async with asyncio.timeout(0.5):
                     await wake.wait()
             wake.clear()
+            self._rebase_on_steps()
             replayed = False
             while self._connected and box.to_replay > 0 and not self._link.backlogged():
                 batch = box.next_replay(REPLAY_CHUNK)

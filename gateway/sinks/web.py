@@ -188,6 +188,14 @@ def _fmt_age(seconds: float) -> str:
     return f"{s // 86400} d {s % 86400 // 3600} h ago"
 
 
+#: Clock badge (class, text) by synchronisation; page.js has the same table.
+_SYNC_BADGE: dict[bool | None, tuple[str, str]] = {
+    True: ("ok", "SYNCED"),
+    False: ("bad", "NOT SYNCED"),
+    None: ("idle", "UNKNOWN"),
+}
+
+
 def _fmt_secs(value: object) -> str:
     """An age in seconds for a counter line; "—" when there is none."""
     if not isinstance(value, int | float) or isinstance(value, bool):
@@ -1199,6 +1207,7 @@ class WebSink:
             f"<div><dt>Version</dt><dd>{e(__version__)}</dd></div>"
             f'<div><dt>Gateway</dt><dd><span id="gw-ok" class="badge {ok_class}">'
             f"{ok_text}</span></dd></div>"
+            f"{self._render_clock()}"
             "</dl></header>"
         )
         w('<section class="cards">')
@@ -1246,6 +1255,19 @@ class WebSink:
             "</body></html>"
         )
         yield "".join(out)
+
+    def _render_clock(self) -> str:
+        """Whether source timestamps can be trusted: a Pi has no RTC until NTP syncs."""
+        h = self.runtime.health.get("clock") or {}
+        synced = h.get("synced")
+        cls, text = _SYNC_BADGE.get(synced if isinstance(synced, bool) else None, _SYNC_BADGE[None])
+        steps = h.get("steps") or 0
+        title = f"clock steps since start: {steps}; source: {h.get('source', 'unknown')}"
+        return (
+            f'<div data-sink="clock" title="{html.escape(title)}"><dt>Clock</dt><dd>'
+            f'<span class="badge {cls}" data-f="synced" data-kind="sync">{text}</span>'
+            "</dd></div>"
+        )
 
     def _render_mqtt_card(self) -> str:
         e = html.escape

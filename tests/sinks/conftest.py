@@ -232,3 +232,13 @@ class Watcher:
             if m.topic == topic:
                 return m
         return None
+
+
+@pytest.fixture(autouse=True)
+def _synchronised_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sink tests see a synchronised clock unless they inject another: what a payload holds
+    must not depend on whether the machine running the tests has NTP (CI's VM has none).
+    gateway.clock's own tests read the real kernel state."""
+    import gateway.clock as clock  # noqa: PLC0415
+
+    monkeypatch.setattr(clock, "probe_sync_source", lambda: clock.SyncSource("test", lambda: True))

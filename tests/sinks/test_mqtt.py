@@ -24,6 +24,7 @@ from drivers.modbus.simulator import RegisterMapDevice
 from drivers.modbus.transport import RegisterServer
 from gateway.app import FunctionSink, Gateway
 from gateway.bus import Subscription
+from gateway.clock import ClockWatch, SyncSource
 from gateway.config import GatewayConfig, LoadedConfig
 from gateway.model import Quality, Reading, Reason
 from gateway.runner import Backoff
@@ -738,3 +739,68 @@ async def test_credentials(
     finally:
         await broker.astop()
     assert "s3cret" not in caplog.text
+
+
+def test_readings_stamped_before_the_clock_was_set_are_rebased_when_it_steps(
+    tmp_path: Path,
+) -> None:
+    """A Pi without an RTC boots an hour (or years) behind until NTP steps the clock. What was
+    buffered meanwhile is marked, exempt from the age bound, and shifted by the measured step
+    before it is replayed."""
+    offset = [-3600.0]
+    synced = [False]
+    wall = lambda: time.time() + offset[0]  # noqa: E731
+    gw = Gateway(make_config(tmp_path, free_port(), {"port": free_port()}))
+    gw.clock = ClockWatch(SyncSource("injected", lambda: synced[0]), wall=wall)
+    sink = fast_sink(gw)
+    sink._build_topics()
+    box = sink._outbox
+    box.open()
+    try:
+        stale = wall()
+        sink._on_batch_per_tag([Reading("lathe-1/speed", 1450, Quality.GOOD, stale)])
+        assert box.stats["stored"] == 1
+        # NTP arrives: the clock steps forward by an hour and is synchronised.
+        offset[0] = 0.0
+        synced[0] = True
+        step = gw.clock.check()
+        assert step is not None
+        assert round(step.delta) == 3600
+        sink._rebase_on_steps()
+        sink._rebase_on_steps()  # once per step, however often it is asked
+        fresh = time.time()
+        sink._on_batch_per_tag([Reading("lathe-1/speed", 1451, Quality.GOOD, fresh)])
+        data, _ = encode_publishes(box.next_replay(10), iter(range(1, 10)).__next__, {})
+        docs = [json.loads(payload) for _, payload, _ in _decode_publishes(data)]
+        first, second = docs
+        assert first["value"] == 1450
+        assert first["ts_ms"] == round(stale * 1000) + 3_600_000
+        assert abs(first["ts_ms"] / 1000 - fresh) < 5  # now it tells the real time
+        assert (
+            first["ts"]
+            == time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(first["ts_ms"] // 1000))
+            + f".{first['ts_ms'] % 1000:03d}Z"
+        )
+        assert "clock_synced" not in first  # re-based: the time is right now
+        assert second["value"] == 1451
+        assert second["ts_ms"] == round(fresh * 1000)
+        assert (first["seq"], second["seq"]) == (1, 2)
+    finally:
+        box.close()
+
+
+def test_readings_from_an_unsynchronised_clock_say_so(tmp_path: Path) -> None:
+    gw = Gateway(make_config(tmp_path, free_port(), {"port": free_port()}))
+    gw.clock = ClockWatch(SyncSource("injected", lambda: False))
+    sink = fast_sink(gw)
+    sink._build_topics()
+    box = sink._outbox
+    box.open()
+    try:
+        sink._on_batch_per_tag([Reading("lathe-1/speed", 1450, Quality.GOOD, time.time())])
+        data, _ = encode_publishes(box.next_replay(10), iter(range(1, 10)).__next__, {})
+        (doc,) = [json.loads(payload) for _, payload, _ in _decode_publishes(data)]
+        assert doc["clock_synced"] is False
+        assert gw.clock.as_dict()["synced"] is False
+    finally:
+        box.close()

@@ -478,6 +478,10 @@ async def test_browser_page_updates_live_and_shows_a_device_going_offline(port: 
             assert await page.text_content('article[data-d="lathe-1-cnc"] [data-f="brk"]') == (
                 "closed"
             )
+            # The header tells whether timestamps can be trusted (injected: synchronised).
+            assert await page.text_content('[data-sink="clock"] [data-f="synced"]') == "SYNCED"
+            # The MQTT card shows the buffer (not configured here: no numbers, no errors).
+            assert await page.is_visible('[data-sink="mqtt"]')
             assert await page.evaluate("window.__noReload === true")
             await page.wait_for_selector("#conn", state="hidden", timeout=10000)
             await page.wait_for_timeout(1100)  # let ages tick once more for the picture

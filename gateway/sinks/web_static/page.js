@@ -124,6 +124,11 @@
           const cls = "badge " + (v === true ? "ok" : v === false ? "bad" : "idle");
           if (x.className !== cls) x.className = cls;
           setText(x, v === true ? "CONNECTED" : v === false ? "DISCONNECTED" : "—");
+        } else if (x.dataset.kind === "sync") {
+          // The same table as _SYNC_BADGE in web.py.
+          const [cls, text] = v === true ? ["ok", "SYNCED"] : v === false ? ["bad", "NOT SYNCED"] : ["idle", "UNKNOWN"];
+          if (x.className !== "badge " + cls) x.className = "badge " + cls;
+          setText(x, text);
         } else if (x.dataset.kind === "secs") {
           // The same rule as _fmt_secs in web.py.
           setText(x, typeof v !== "number" ? "—" : v < 120 ? v.toFixed(0) + " s" : (v / 60).toFixed(0) + " min");
