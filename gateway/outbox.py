@@ -232,6 +232,7 @@ class Outbox:
         self._next_id = 1
         self._saved_next_id = 1
         self._unsynced_on_disk = False
+        self._session_first_id = 1
         self._tokens = self._burst
         self._refilled = 0.0
         self._once = OnceLogger(log, f"outbox {self.path}")
@@ -316,7 +317,7 @@ class Outbox:
             ).fetchone()
             saved = db.execute("SELECT value FROM meta WHERE key = 'next_id'").fetchone()
             unsynced = db.execute(
-                "SELECT EXISTS(SELECT 1 FROM messages WHERE clock_synced = 0)"
+                "SELECT COUNT(*) FROM messages WHERE clock_synced = 0"
             ).fetchone()[0]
         except sqlite3.OperationalError as exc:
             if "locked" in str(exc):
@@ -329,7 +330,17 @@ class Outbox:
             ) from exc
         self._stored, self._stored_bytes = count, size
         self._next_id = self._saved_next_id = max(saved[0] if saved else 1, top + 1)
-        self._unsynced_on_disk = bool(unsynced)
+        # A step measured in this process says nothing of a clock before the restart (a
+        # reboot starts from another stale time): rows from before stay marked unsynced.
+        self._session_first_id = self._next_id
+        self._unsynced_on_disk = False
+        if unsynced:
+            log.info(
+                "outbox %s: %d message(s) stamped by an unsynchronised clock before the "
+                "restart; they keep clock_synced false",
+                self.path,
+                unsynced,
+            )
 
     @staticmethod
     def _check_schema(db: sqlite3.Connection, where: str) -> None:
@@ -606,8 +617,8 @@ class Outbox:
                 if rebase is not None:
                     db.execute(
                         "UPDATE messages SET ts_ms = ts_ms + ?, clock_synced = 1, rebased_ms = ?"
-                        " WHERE clock_synced = 0",
-                        (rebase, rebase),
+                        " WHERE clock_synced = 0 AND id >= ?",
+                        (rebase, rebase, self._session_first_id),
                     )
                 if stored_bytes > self.max_bytes:
                     last = 0

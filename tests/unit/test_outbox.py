@@ -242,6 +242,22 @@ def test_rebase_shifts_unsynced_messages_everywhere(db: Path) -> None:
         assert out[0].message.ts_ms == boot + step
 
 
+def test_a_step_after_a_restart_does_not_rebase_rows_from_before_it(db: Path) -> None:
+    # Stored by a process whose clock was never set; the edge box rebooted (another stale
+    # clock), and the new process measured a step: it says nothing about the old rows.
+    with box(db) as o:
+        o.put([msg(0, ts_ms=50_000, synced=False)], deliverable=False)
+    with box(db) as o:
+        o.put([msg(1, ts_ms=70_000, synced=False)], deliverable=False)
+        step = int(NOW * 1000) - 70_000
+        o.rebase(step)
+        out = o.next_replay(10)
+        assert seq(out) == [0, 1]
+        old, new = (s.message for s in out)
+        assert (old.ts_ms, old.clock_synced, old.rebased_ms) == (50_000, False, 0)
+        assert (new.ts_ms, new.clock_synced, new.rebased_ms) == (int(NOW * 1000), True, step)
+
+
 def test_restart_keeps_rows_and_ids_and_never_reuses_one(db: Path) -> None:
     with box(db) as o:
         o.put([msg(i) for i in range(5)], deliverable=False)
