@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 __all__ = [
+    "BadFrame",
     "ConfigError",
     "ConfigIssue",
     "ConnectionLost",
@@ -66,6 +67,14 @@ class DeviceError(GatewayError):
 
 class DeviceTimeout(DeviceError):
     kind = "timeout"
+
+
+class BadFrame(DeviceTimeout):
+    """Bytes arrived but formed no valid reply before the timeout: a CRC or LRC error, noise,
+    or two slaves talking at once. On a serial line it points at wiring (termination,
+    biasing, a shared unit id) rather than at a device that is off."""
+
+    kind = "bad_frame"
 
 
 class ConnectionLost(DeviceError):

@@ -40,6 +40,8 @@ class Reason(enum.StrEnum):
     NO_COMMUNICATION = "no_communication"
     #: Bad: the device did not answer within the timeout.
     TIMEOUT = "timeout"
+    #: Bad: bytes arrived but no valid reply (CRC/LRC error, noise, a collision on the line).
+    BAD_FRAME = "bad_frame"
     #: Bad: the device answered with a protocol exception (detail names the code).
     DEVICE_EXCEPTION = "device_exception"
     #: Bad: the device answered, but the bytes do not decode as the configured type.

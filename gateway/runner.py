@@ -67,6 +67,8 @@ class Backoff:
 
 def _reason_of(exc: BaseException) -> Reason:
     kind = getattr(exc, "kind", "")
+    if kind == "bad_frame":
+        return Reason.BAD_FRAME
     if isinstance(exc, TimeoutError) or kind == "timeout":
         return Reason.TIMEOUT
     if kind == "exception":

@@ -47,7 +47,13 @@ from pymodbus.simulator import DataType, SimData, SimDevice
 
 from drivers.modbus.config import Table
 from drivers.modbus.simulator import SimulatedDevice, WritableDevice
-from gateway.errors import ConnectionLost, DecodeError, DeviceException, DeviceTimeout
+from gateway.errors import (
+    BadFrame,
+    ConnectionLost,
+    DecodeError,
+    DeviceException,
+    DeviceTimeout,
+)
 
 __all__ = [
     "EXCEPTION_NAMES",
@@ -172,6 +178,15 @@ class ClientTransport:
         self.connect_timeout = connect_timeout
         self.name = name
         self._client: ModbusBaseClient | None = None
+        #: Bytes received since start, counted by pymodbus's trace hook: a request that times
+        #: out although bytes arrived met a broken frame (pymodbus 3.16 drops a frame with a
+        #: bad CRC silently and lets the request time out).
+        self.rx_bytes = 0
+
+    def _trace_packet(self, sending: bool, data: bytes) -> bytes:
+        if not sending:
+            self.rx_bytes += len(data)
+        return data
 
     @property
     def where(self) -> str:
@@ -275,13 +290,14 @@ class ClientTransport:
             request = client.read_coils
         else:
             request = client.read_discrete_inputs
+        rx_before = self.rx_bytes
         try:
             response = await request(address, count=count, device_id=unit)
         except ModbusException as exc:
             what = _describe(table, address, count)
             if unit != self.unit_id:
                 what += f" of unit {unit}"
-            raise self._failed(client, exc, what, wait) from None
+            raise self._failed(client, exc, what, wait, garbled=self.rx_bytes - rx_before) from None
         except asyncio.CancelledError:
             # The request may still be answered; the next request must not get that answer.
             self._drop(client)
@@ -342,7 +358,13 @@ class ClientTransport:
             raise self._refused(response, what)
 
     def _failed(
-        self, client: ModbusBaseClient, exc: ModbusException, what: str, timeout: float
+        self,
+        client: ModbusBaseClient,
+        exc: ModbusException,
+        what: str,
+        timeout: float,
+        *,
+        garbled: int = 0,
     ) -> ConnectionLost | DeviceTimeout:
         """Close the link after a failed request (unless it timed out on a serial line)."""
         lost = not client.connected
@@ -350,6 +372,11 @@ class ClientTransport:
             # retries=0: pymodbus gave up after one response timeout.
             if self.close_on_timeout:
                 self._drop(client)
+            if garbled:
+                return BadFrame(
+                    f"{self.name}: {garbled} byte(s) arrived for {what} but no valid reply "
+                    f"within {timeout:g} s (CRC error, noise or two slaves answering)"
+                )
             return DeviceTimeout(f"{self.name}: no answer to {what} within {timeout:g} s")
         self._drop(client)
         if isinstance(exc, ModbusIOException | ConnectionException):
@@ -415,6 +442,8 @@ class ModbusTcpTransport(ClientTransport):
             reconnect_delay_max=0,
             timeout=self.connect_timeout,
             retries=0,
+            # Counting received bytes costs a call per read; only where a CRC can fail.
+            trace_packet=None if self._framer is FramerType.SOCKET else self._trace_packet,
         )
 
     _framer = FramerType.SOCKET
@@ -483,6 +512,7 @@ class ModbusSerialTransport(ClientTransport):
             reconnect_delay_max=0,
             timeout=self.connect_timeout,
             retries=0,
+            trace_packet=self._trace_packet,
         )
 
 

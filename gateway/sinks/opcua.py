@@ -187,6 +187,7 @@ def _build_codes() -> dict[tuple[Quality, Reason, bool], ua.StatusCode]:
         lost = _code(_SC.BadCommunicationError if has_value else _SC.BadNoCommunication)
         codes[(Quality.BAD, Reason.NO_COMMUNICATION, has_value)] = lost
         codes[(Quality.BAD, Reason.TIMEOUT, has_value)] = lost
+        codes[(Quality.BAD, Reason.BAD_FRAME, has_value)] = lost
         codes[(Quality.BAD, Reason.DEVICE_EXCEPTION, has_value)] = _code(_SC.BadDeviceFailure)
         codes[(Quality.BAD, Reason.DECODE_ERROR, has_value)] = _CONFIG_ERROR
     return codes
