@@ -65,6 +65,10 @@ def build_sinks(gw: Gateway) -> list[Sink]:
         from gateway.sinks.mqtt import MqttSink  # noqa: PLC0415
 
         sinks.append(MqttSink(gw, cfg.mqtt))
+    if cfg.sparkplug is not None:
+        from gateway.sinks.sparkplug import SparkplugSink  # noqa: PLC0415
+
+        sinks.append(SparkplugSink(gw, cfg.sparkplug))
     if cfg.web is not None:
         from gateway.sinks.web import WebSink  # noqa: PLC0415
 

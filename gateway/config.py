@@ -41,6 +41,7 @@ from drivers.modbus.config import (
 from gateway.errors import ConfigError, ConfigIssue
 
 __all__ = [
+    "BrokerSection",
     "BusSection",
     "DeviceConfig",
     "GatewayConfig",
@@ -48,6 +49,7 @@ __all__ = [
     "LoadedConfig",
     "MqttSection",
     "OpcUaSection",
+    "SparkplugSection",
     "WebSection",
     "format_issues",
     "json_schema",
@@ -154,8 +156,8 @@ class BufferSection(_Section):
     )
 
 
-class MqttSection(_Section):
-    """Publish every reading to an MQTT broker as a Unified Namespace. Absent: no MQTT."""
+class BrokerSection(_Section):
+    """How to reach an MQTT broker: shared by the ``mqtt:`` and ``sparkplug:`` sections."""
 
     host: str = Field(default="127.0.0.1", min_length=1, description="Broker host.")
     port: int = Field(default=1883, ge=1, le=65535)
@@ -168,6 +170,11 @@ class MqttSection(_Section):
         default=None, description="File holding the password, relative to this config file."
     )
     keepalive: int = Field(default=30, ge=5, le=3600, description="Seconds.")
+
+
+class MqttSection(BrokerSection):
+    """Publish every reading to an MQTT broker as a Unified Namespace. Absent: no MQTT."""
+
     topic_prefix: str = Field(
         default="uns", min_length=1, description="First topic level, before site/area/line."
     )
@@ -185,6 +192,37 @@ class MqttSection(_Section):
     retain_values: bool = True
     heartbeat: float | None = Field(
         default=None, gt=0, le=86_400, description="Republish unchanged values every N s."
+    )
+    buffer: BufferSection = BufferSection()
+
+
+class SparkplugSection(BrokerSection):
+    """Publish every device as a Sparkplug B 3.0 device of one edge node. Absent: no Sparkplug.
+
+    Topics ``spBv1.0/<group_id>/<type>/<edge_node_id>[/<device>]``; see
+    gateway/sinks/sparkplug.py.
+    """
+
+    client_id: str | None = Field(
+        default=None,
+        description="Default: <gateway name>-sparkplug. Must differ from the mqtt: section's "
+        "on the same broker: the broker drops the older of two sessions with one client id.",
+    )
+    group_id: str = Field(min_length=1, description="Sparkplug group id (no + / #).")
+    edge_node_id: str | None = Field(
+        default=None, min_length=1, description="Default: the gateway's name (no + / #)."
+    )
+    primary_host_id: str | None = Field(
+        default=None,
+        min_length=1,
+        description="Host application that must say online on spBv1.0/STATE/<id> before "
+        "births and data are published; until it does, data waits in the buffer.",
+    )
+    qos_data: Literal[0, 1] = Field(
+        default=1,
+        description="1: a DDATA leaves the buffer when the broker acknowledges it (not what "
+        "Sparkplug 3.0 says: tck-id-topics-ddata-mqtt asks for 0); 0: when it is written to "
+        "the connection, as the specification asks (lost if the connection breaks then).",
     )
     buffer: BufferSection = BufferSection()
 
@@ -230,6 +268,7 @@ class GatewayConfig(_Section):
     bus: BusSection = BusSection()
     breaker: BreakerSection = BreakerSection()
     mqtt: MqttSection | None = None
+    sparkplug: SparkplugSection | None = None
     opcua: OpcUaSection | None = None
     web: WebSection | None = None
     devices: list[DeviceConfig] = Field(min_length=1)
@@ -1027,6 +1066,17 @@ def _name_problem(what: str, value: str) -> str | None:
     return None
 
 
+def _sparkplug_id_problem(field: str, value: str) -> str | None:
+    """Sparkplug 3.0 §4.1: ids are topic levels, so no ``+ / #``
+    (tck-id-topic-structure-namespace-valid-group-id and its siblings)."""
+    bad = " or ".join(f"'{c}'" for c in "+/#" if c in value)
+    if bad:
+        return f"{field} {value!r} may not contain {bad} (a Sparkplug id is one topic level)"
+    if field == "group_id" and value == "STATE":
+        return "group_id 'STATE' is taken: spBv1.0/STATE/<host> is the host applications' topic"
+    return None
+
+
 def _cross_check(config: GatewayConfig, loader: _Loader, csv_failed: set[int]) -> list[ConfigIssue]:
     issues: list[ConfigIssue] = []
 
@@ -1045,13 +1095,31 @@ def _cross_check(config: GatewayConfig, loader: _Loader, csv_failed: set[int]) -
         for part in config.mqtt.topic_prefix.split("/"):
             if problem := _name_problem("topic_prefix level", part):
                 add(("mqtt", "topic_prefix"), problem)
-        if config.mqtt.password_env and config.mqtt.password_file:
+    for name in ("mqtt", "sparkplug"):
+        broker: BrokerSection | None = getattr(config, name)
+        if broker is None:
+            continue
+        if broker.password_env and broker.password_file:
             add(
-                ("mqtt", "password_file"),
+                (name, "password_file"),
                 "give the password in password_env or password_file, not both",
             )
-        if (config.mqtt.password_env or config.mqtt.password_file) and not config.mqtt.username:
-            add(("mqtt", "username"), "a password needs a username")
+        if (broker.password_env or broker.password_file) and not broker.username:
+            add((name, "username"), "a password needs a username")
+    if config.sparkplug is not None:
+        sp = config.sparkplug
+        for field in ("group_id", "edge_node_id", "primary_host_id"):
+            value = getattr(sp, field)
+            if value is not None and (problem := _sparkplug_id_problem(field, value)):
+                add(("sparkplug", field), problem)
+        if config.mqtt is not None and (sp.host, sp.port) == (config.mqtt.host, config.mqtt.port):
+            uns_id = config.mqtt.client_id or gw.name
+            if (sp.client_id or f"{gw.name}-sparkplug") == uns_id:
+                add(
+                    ("sparkplug", "client_id"),
+                    f"client_id '{uns_id}' is the mqtt: section's too, on the same broker: "
+                    "each connection would end the other's; give sparkplug: its own",
+                )
     servers: dict[tuple[str, int], Loc] = {}
     for section in ("opcua", "web"):
         sec = getattr(config, section)

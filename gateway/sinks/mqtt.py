@@ -79,7 +79,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 from gateway.bus import Subscription
-from gateway.config import MqttSection
+from gateway.config import BrokerSection, MqttSection
 from gateway.logutil import OnceLogger
 from gateway.model import Quality, Reading, Reason, TagKey, TagSpec, Value
 from gateway.outbox import Message, Outbox, Stored
@@ -231,10 +231,14 @@ def _wire_payload(s: Stored) -> bytes:
 
 
 def encode_publishes(
-    stored: Sequence[Stored], next_mid: Callable[[], int], topic_parts: dict[str, bytes]
+    stored: Sequence[Stored],
+    next_mid: Callable[[], int],
+    topic_parts: dict[str, bytes],
+    wire: Callable[[Stored], bytes] = _wire_payload,
 ) -> tuple[bytes, list[tuple[int, int]]]:
     """Buffered messages as concatenated MQTT 3.1.1 PUBLISH packets, and for the QoS 1 ones
-    (packet id, outbox id). ``topic_parts`` caches each topic's encoded form."""
+    (packet id, outbox id). ``topic_parts`` caches each topic's encoded form; ``wire`` makes
+    the payload as sent (the UNS JSON's by default; Sparkplug stamps its seq)."""
     parts: list[bytes] = []
     add = parts.append
     mids: list[tuple[int, int]] = []
@@ -245,7 +249,7 @@ def encode_publishes(
             if len(topic_parts) > 100_000:
                 topic_parts.clear()
             topic_part = topic_parts[m.topic] = _topic_part(m.topic)
-        payload = _wire_payload(s)
+        payload = wire(s)
         # Historical messages are never retained: they would replace a newer value.
         retain = m.retain and not s.historical
         if m.qos:
@@ -381,7 +385,7 @@ class MqttLink:
     def __init__(
         self,
         runtime: RuntimeView,
-        section: MqttSection,
+        section: BrokerSection,
         user: LinkUser,
         *,
         client_id: str,
@@ -414,6 +418,7 @@ class MqttLink:
         self._once = OnceLogger(log, f"{name} broker {self.broker}")
         self.reconnects = 0
         self.last_error = ""
+        self._ended = False
         self.on_change: Callable[[], None] = lambda: None
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -529,6 +534,18 @@ class MqttLink:
         assert client is not None
         client.publish(topic, payload, qos, retain)
 
+    def end_session(self, why: str) -> None:
+        """DISCONNECT on purpose, after whatever is queued; the link connects again after its
+        backoff, as after a lost connection. For a Sparkplug edge node whose primary host
+        went offline. A goodbye is best queued raw (:meth:`queue_raw`) first: paho would send
+        its own unacknowledged QoS 1 messages again on the next connection."""
+        client = self.client
+        if client is None or not self.connected:
+            return
+        self._lost_reason = why
+        self._ended = True
+        client.disconnect()
+
     def idle(self) -> bool:
         """Everything handed over has been written, and paho's own QoS 1 messages acked."""
         client = self.client
@@ -563,11 +580,12 @@ class MqttLink:
             since = time.monotonic()
             await self._hold()
             self.connected = False
+            ended, self._ended = self._ended, False
             lasted = time.monotonic() - since
             why = f"connection lost: {self._lost_reason or 'closed'}"
             if lasted >= STABLE_AFTER:
                 self._backoff.reset()
-            elif lasted < 2.0:
+            elif lasted < 2.0 and not ended:
                 why += (
                     f" {lasted:.1f} s after connecting (is another client using the client"
                     f" id {self.client_id!r}?)"

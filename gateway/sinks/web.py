@@ -1227,6 +1227,7 @@ class WebSink:
             w(f'<span class="qb q{i}"><b id="q{i}">{snap_counts[i]}</b> {q}</span>')
         w("</div></div>")
         w(self._render_mqtt_card())
+        w(self._render_sparkplug_card())
         w(self._render_opcua_card())
         w("</section><main>")
         collapse = len(self.tags) > COLLAPSE_ABOVE_TAGS
@@ -1292,6 +1293,34 @@ class WebSink:
             f"{e(_fmt_secs(h.get('oldest_age_s')))}</b>"
             f' · replayed <b data-f="replayed">{e(_fmt_value(h.get("replayed")))}</b></div>'
             f'<div class="line">Sent <b data-f="published">{e(_fmt_value(h.get("published")))}</b>'
+            f' · dropped <b data-f="dropped">{e(_fmt_value(h.get("dropped")))}</b></div></div>'
+        )
+
+    def _render_sparkplug_card(self) -> str:
+        """Only when configured: Sparkplug is an option beside the UNS topics."""
+        e = html.escape
+        cfg = self.runtime.config.sparkplug
+        h = self.runtime.health.get("sparkplug")
+        if cfg is None and h is None:
+            return ""
+        h = h or {}
+        connected = h.get("connected")
+        host = ""
+        if h.get("primary_host") or (cfg is not None and cfg.primary_host_id):
+            host = (
+                f' · primary host online <b data-f="host_online">'
+                f"{e(_fmt_value(h.get('host_online')))}</b>"
+            )
+        return (
+            '<div class="card" data-sink="sparkplug"><h2>Sparkplug B</h2>'
+            f'<div class="line"><span class="badge {_conn_class(connected)}" data-f="connected" '
+            f'data-kind="conn">{_conn_text(connected)}</span> '
+            f'<span class="mono" data-f="node">{e(_fmt_value(h.get("node")))}</span></div>'
+            f'<div class="line">bdSeq <b data-f="bdseq">{e(_fmt_value(h.get("bdseq")))}</b>'
+            f"{host}</div>"
+            f'<div class="line">Buffered <b data-f="buffered">'
+            f"{e(_fmt_value(h.get('buffered')))}</b>"
+            f' · replayed <b data-f="replayed">{e(_fmt_value(h.get("replayed")))}</b>'
             f' · dropped <b data-f="dropped">{e(_fmt_value(h.get("dropped")))}</b></div></div>'
         )
 

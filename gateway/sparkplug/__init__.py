@@ -30,6 +30,7 @@ from gateway.sparkplug.payload import (
     decode,
     encode,
     fits,
+    sequenced,
 )
 from gateway.sparkplug.topics import (
     NAMESPACE,
@@ -66,5 +67,6 @@ __all__ = [
     "fits",
     "parse_command_topic",
     "quality_code",
+    "sequenced",
     "topic",
 ]

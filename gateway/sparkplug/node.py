@@ -8,6 +8,8 @@ The MQTT sink drives an :class:`EdgeNode` and publishes the :class:`Message` val
     # CONNECT with will, clean session; subscribe to command_subscriptions() at QoS 1; then:
     for message in node.births(): ...          # NBIRTH, then one DBIRTH per device
     message = node.ddata("lathe-1-cnc", readings)      # None when nothing changed
+    kept = node.ddata("lathe-1-cnc", readings, store=True)   # for a buffer, see below
+    sequenced(kept.payload, node.take_seq(), metrics=node.metrics("lathe-1-cnc"))  # when sent
     if node.rebirth_requested(ncmd_payload): node.births()
     node.ddeath("lathe-1-cnc"); node.dbirth("lathe-1-cnc")   # device lost and back
     node.ndeath()                              # before an intentional DISCONNECT
@@ -45,6 +47,11 @@ Rules applied (Eclipse Sparkplug 3.0.0; tck ids from chapters 4-6):
   just become GOOD again. A value never read is ``is_null``.
 - Historical (§6.4.6 ``is_historical``): replayed readings are sent as they are, flagged, and
   leave the live state (what BIRTH and report by exception compare with) untouched.
+- Store and forward: seq belongs to the session that sends a message, so a DDATA meant for a
+  buffer (``ddata(store=True)``) is built without one and stamped with :meth:`EdgeNode.take_seq`
+  when it leaves the buffer. While the node is offline such a DDATA still reports what
+  changed (there is no BIRTH to catch up with it); the sender flags it historical when it
+  replays it after the next BIRTHs.
 - MQTT flags (tck-id-topics-nbirth-mqtt and siblings; tck-id-payloads-ndeath-will-message-qos):
   every edge message QoS 0 and not retained, except NDEATH: QoS 1.
 """
@@ -393,6 +400,15 @@ class EdgeNode:
         """Every alias with ``name`` (node metrics) or ``device:name``."""
         return dict(self._names)
 
+    def born(self, device_id: str) -> bool:
+        """True while the device's DBIRTH of this session holds (no DDEATH since)."""
+        return self.online and self._device(device_id).born
+
+    def metrics(self, device_id: str) -> dict[str, tuple[int, DataType]]:
+        """Metric name to (alias, datatype) of one device: what ``payload.sequenced`` needs
+        to re-alias a DDATA kept by a buffer."""
+        return {m.name: (m.alias, m.datatype) for m in self._device(device_id).metrics.values()}
+
     def datatypes(self, device_id: str | None = None) -> dict[int, DataType]:
         """Alias to datatype of the node's (or one device's) metrics, as its BIRTH declares."""
         metrics = (
@@ -412,6 +428,16 @@ class EdgeNode:
         seq = self._seq
         self._seq = (seq + 1) % 256
         return seq
+
+    @property
+    def seq(self) -> int:
+        """The seq the next message of this session will carry."""
+        return self._seq
+
+    def take_seq(self) -> int:
+        """The seq for a message built without one (``ddata(store=True)``), as it is sent."""
+        self._require_online("take_seq")
+        return self._take_seq()
 
     def _now(self) -> int:
         return _ms(self._clock())
@@ -442,10 +468,15 @@ class EdgeNode:
         """The NDEATH to publish before an intentional DISCONNECT; the node is offline after."""
         if self.bdseq is None:
             raise SparkplugError("ndeath() before connect()")
+        self.offline()
+        return self._death()
+
+    def offline(self) -> None:
+        """The session ended without an NDEATH of ours (the connection broke, the broker sent
+        the Will): no BIRTH holds any more, and data is for the buffer until the next one."""
         self.online = False
         for device in self._devices.values():
             device.born = False
-        return self._death()
 
     def nbirth(self) -> Message:
         """The NBIRTH, seq 0: every node metric with its current value."""
@@ -510,7 +541,12 @@ class EdgeNode:
         )
 
     def ddata(
-        self, device_id: str, readings: Iterable[Reading], *, historical: bool = False
+        self,
+        device_id: str,
+        readings: Iterable[Reading],
+        *,
+        historical: bool = False,
+        store: bool = False,
     ) -> Message | None:
         """The DDATA for these readings of one device, or None when there is nothing to send.
 
@@ -519,8 +555,17 @@ class EdgeNode:
         ``is_historical``, and change no state. Nothing is sent while the device is not born
         or the node is offline: live readings are then kept for the next DBIRTH, historical
         ones stay the caller's to replay.
+
+        ``store``: the DDATA is for a store-and-forward buffer. It carries no seq (the sender
+        stamps one from :meth:`take_seq` when it sends it) but every metric's name and
+        datatype, so that a later session, perhaps of another configuration, can check them
+        and re-alias it (``payload.sequenced`` strips both). While the node is offline what
+        changed is returned all the same, for the buffer to keep; a device that is not born
+        while the node is online still keeps its readings for its DBIRTH.
         """
         device = self._device(device_id)
+        live = device.born and self.online
+        keep = live or (store and not self.online and not historical)
         metrics: list[Metric] = []
         now = self._now()
         for reading in readings:
@@ -542,14 +587,15 @@ class EdgeNode:
                 )
                 continue
             metric.set(value, quality, reason, ts)
-            if device.born and self.online and metric.changed():
-                metrics.append(self._data_metric(metric))
-        if not metrics or not (device.born and self.online):
+            if keep and metric.changed():
+                metrics.append(self._data_metric(metric, named=store))
+        if not metrics or not keep:
             return None
-        payload = Payload(timestamp=now, metrics=tuple(metrics), seq=self._take_seq())
+        seq = None if store else self._take_seq()
+        payload = Payload(timestamp=now, metrics=tuple(metrics), seq=seq)
         return Message(
             topic(MessageType.DDATA, self.group_id, self.edge_node_id, device_id),
-            encode(payload, with_datatypes=False),
+            encode(payload, with_datatypes=store),
         )
 
     def _checked(self, metric: _Metric, reading: Reading) -> tuple[MetricValue, Quality, Reason]:
@@ -591,13 +637,14 @@ class EdgeNode:
             encode(payload, with_datatypes=False),
         )
 
-    def _data_metric(self, metric: _Metric, *, quality: bool = True) -> Metric:
+    def _data_metric(self, metric: _Metric, *, quality: bool = True, named: bool = False) -> Metric:
         # A GOOD that follows a non-GOOD is stated, or the host would keep the old quality.
         state = quality and (
             metric.quality is not Quality.GOOD or metric.sent_quality is not Quality.GOOD
         )
         metric.mark_sent()
         return Metric(
+            name=metric.name if named else None,
             alias=metric.alias,
             timestamp=metric.timestamp,
             datatype=metric.datatype,

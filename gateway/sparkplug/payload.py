@@ -38,6 +38,7 @@ __all__ = [
     "decode",
     "encode",
     "fits",
+    "sequenced",
 ]
 
 #: What a metric or property value can be in Python; None is Sparkplug's ``is_null``.
@@ -366,3 +367,64 @@ def decode(data: bytes, *, datatypes: Mapping[int, DataType] | None = None) -> P
         uuid=message.uuid if message.HasField("uuid") else None,
         body=message.body if message.HasField("body") else None,
     )
+
+
+# -- store and forward ---------------------------------------------------------------------------
+
+
+def sequenced(
+    data: bytes,
+    seq: int,
+    *,
+    metrics: Mapping[str, tuple[int, DataType]],
+    timestamp: int | None = None,
+    historical: bool = False,
+    shift_ms: int = 0,
+) -> bytes | None:
+    """A DATA payload kept by a buffer, as it is finally sent; None if no metric is left.
+
+    The buffered payload has no seq and names every metric with its datatype
+    (``EdgeNode.ddata(store=True)``). Here it gets the sending session's ``seq`` (§6.4.5:
+    seq counts one session's messages, so it cannot be set before); each metric gets its
+    alias from ``metrics`` (name -> alias and datatype now, as the BIRTH of the sending
+    session declares them) and loses its name and datatype (DATA carries aliases only,
+    §6.4.6, tck-id-payloads-metric-datatype-not-req); a metric that is gone, or whose
+    datatype changed (another configuration since), is left out. ``timestamp`` replaces the
+    payload's (the time of publishing); ``historical`` flags every metric ``is_historical``
+    (replayed data must not overwrite the live value); ``shift_ms`` moves every metric
+    timestamp by a clock step measured after it was stamped.
+
+    Works on the protobuf message itself: it only moves fields, never re-places a value.
+    """
+    if not 0 <= seq <= 255:
+        raise SparkplugError(f"seq {seq} is outside 0..255")
+    message = pb.Payload()
+    try:
+        message.ParseFromString(data)
+    except Exception as exc:  # protobuf's DecodeError; see decode()
+        raise SparkplugError(f"not a Sparkplug B payload: {exc}") from None
+    kept: list[pb.Payload.Metric] = []
+    for metric in message.metrics:
+        now = metrics.get(metric.name) if metric.HasField("name") else None
+        if now is None or not metric.HasField("datatype") or metric.datatype != now[1]:
+            continue
+        metric.alias = now[0]
+        metric.ClearField("name")
+        metric.ClearField("datatype")
+        if historical:
+            metric.is_historical = True
+        if shift_ms and metric.HasField("timestamp"):
+            metric.timestamp = max(0, metric.timestamp + shift_ms)
+        kept.append(metric)
+    if not kept:
+        return None
+    if len(kept) < len(message.metrics):
+        survivors = [pb.Payload.Metric() for _ in kept]
+        for copy, metric in zip(survivors, kept, strict=True):
+            copy.CopyFrom(metric)
+        del message.metrics[:]
+        message.metrics.extend(survivors)
+    message.seq = seq
+    if timestamp is not None:
+        message.timestamp = timestamp
+    return message.SerializeToString()

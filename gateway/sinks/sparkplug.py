@@ -1,0 +1,624 @@
+"""The Sparkplug B sink: the gateway as one Sparkplug B 3.0 edge node, each device a device.
+
+Topics (``G`` = ``group_id``, ``E`` = ``edge_node_id``, default the gateway's name; ``D`` = a
+device's name; metric names are tag names)::
+
+    spBv1.0/G/NBIRTH/E     bdSeq and Node Control/Rebirth, at the start of every session
+    spBv1.0/G/DBIRTH/E/D   every tag of the device: name, alias, datatype, value, Quality
+    spBv1.0/G/DDATA/E/D    what changed since (report by exception), aliases only
+    spBv1.0/G/DDEATH/E/D   the device went offline (DBIRTH again when it is back)
+    spBv1.0/G/NDEATH/E     the Last Will (QoS 1), and published before a clean DISCONNECT
+    subscribed, QoS 1:     spBv1.0/G/NCMD/E, spBv1.0/G/DCMD/E/+, spBv1.0/STATE/<primary host>
+
+What a message holds, seq and bdSeq, aliases and the Quality property are
+:class:`gateway.sparkplug.EdgeNode`'s business; this module is its MQTT I/O, over its own
+:class:`gateway.sinks.mqtt.MqttLink` (clean session, client id ``<gateway>-sparkplug`` unless
+configured). The Will is asked for before every CONNECT, so that it carries that session's
+bdSeq. A session: CONNECT, SUBSCRIBE, then NBIRTH (seq 0) and a DBIRTH per device, then DDATA.
+A device whose state goes offline (or stopped) gets a DDEATH, one that comes back a DBIRTH.
+An NCMD with ``Node Control/Rebirth`` true repeats the births (same bdSeq, seq from 0); DCMD
+is logged and ignored: the gateway is read-only.
+
+Primary host (``primary_host_id``): births wait until ``spBv1.0/STATE/<id>`` says
+``{"online":true,"timestamp":...}``; a STATE older than the newest one seen is ignored. When
+the host goes offline after our births, the node publishes its NDEATH, disconnects and
+connects again (Sparkplug 3.0 §5, tck-id-message-flow-edge-node-birth-publish-phid-offline),
+and waits for the host as at the start.
+
+Store and forward: every DDATA goes through a :class:`gateway.outbox.Outbox` of its own
+(``sparkplug-outbox.sqlite`` in the data directory, bounded by ``buffer:``). It is sent at
+once while the node is born (connected, and the primary host online); otherwise it goes to
+disk. seq belongs to the session that sends a message, so a buffered DDATA has none: it is
+stamped when it leaves the buffer (``payload.sequenced``), with the current aliases (it keeps
+metric names and datatypes until then, so a changed configuration cannot misplace a value).
+After the births of a new session, what waited is replayed oldest first at
+``buffer.replay_rate``, beside live data, every metric ``is_historical``. Births and deaths
+describe one session and are never buffered. A DDATA leaves the buffer on the broker's
+PUBACK (``qos_data: 1``, the default, which Sparkplug's tck-id-topics-ddata-mqtt does not
+allow: it asks for QoS 0) or once written to the connection (``qos_data: 0``). While
+buffered DDATA waits, a dead device's DDEATH waits too: a DDATA after its DDEATH would make a
+host ask for a rebirth; the device's metrics are Bad meanwhile.
+
+Health ``runtime.health["sparkplug"]``: ``connected``, ``broker``, ``node`` (group/edge),
+``bdseq``, ``seq`` (the last one sent), ``births``, ``host_online`` (None without a primary
+host or before its STATE), ``queued``, ``buffered``, ``oldest_age_s``, ``published``,
+``replayed``, ``dropped`` (and by cause), ``reconnects``, ``last_error``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import Sequence
+
+from gateway.bus import Subscription
+from gateway.config import SparkplugSection
+from gateway.logutil import OnceLogger
+from gateway.model import Reading, TagKey, TagSpec
+from gateway.outbox import Message, Outbox, Stored
+from gateway.runner import Backoff
+from gateway.sinks.base import RuntimeView
+from gateway.sinks.mqtt import MqttLink, Will, encode_publishes, wait_until
+from gateway.sparkplug import (
+    NAMESPACE,
+    DataType,
+    EdgeNode,
+    MessageType,
+    SparkplugError,
+    command_subscriptions,
+    parse_command_topic,
+    sequenced,
+)
+from gateway.sparkplug import Message as SpMessage
+from gateway.status import DeviceState
+
+__all__ = ["OUTBOX_FILE", "SparkplugSink"]
+
+log = logging.getLogger("gateway.sinks.sparkplug")
+
+#: The buffer's file in the data directory; fixed, like the UNS sink's.
+OUTBOX_FILE = "sparkplug-outbox.sqlite"
+#: Live DDATA handed to the connection per step, and replayed ones per step.
+PUMP_CHUNK = 2000
+REPLAY_CHUNK = 500
+#: How long the end of run() waits for queued DDATA to be written and acknowledged.
+FLUSH_TIMEOUT = 5.0
+#: A device in these states has (or gets) a DBIRTH; in the others a DDEATH. A device not yet
+#: polled is born with null values, so that its first values can follow as DDATA.
+_ALIVE = frozenset({DeviceState.ONLINE, DeviceState.STARTING})
+
+
+class SparkplugSink:
+    """Publishes every device as a Sparkplug B device of one edge node; see the module doc."""
+
+    name = "sparkplug"
+
+    def __init__(
+        self, runtime: RuntimeView, section: SparkplugSection, *, backoff: Backoff | None = None
+    ) -> None:
+        self.runtime = runtime
+        self.section = section
+        gw = runtime.config.gateway
+        self.node = EdgeNode(section.group_id, section.edge_node_id or gw.name, runtime.data_dir)
+        # Registration fixes the aliases: config order, every device, every tag.
+        specs: dict[str, list[TagSpec]] = {device: [] for device in runtime.statuses}
+        for spec in runtime.tags:
+            specs.setdefault(spec.device, []).append(spec)
+        self._device_of: dict[TagKey, str] = {}
+        self._metrics: dict[str, dict[str, tuple[int, DataType]]] = {}
+        for device, device_specs in specs.items():
+            self.node.add_device(device, device_specs)
+            self._metrics[device] = self.node.metrics(device)
+            for spec in device_specs:
+                self._device_of[spec.key] = device
+        self._ddata_prefix = f"{NAMESPACE}/{self.node.group_id}/{MessageType.DDATA}/"
+        self._ddata_prefix += f"{self.node.edge_node_id}/"
+        self._host_id = section.primary_host_id
+        self._state_topic = None if self._host_id is None else f"{NAMESPACE}/STATE/{self._host_id}"
+        #: The primary host as its STATE last said, in this session; None before it spoke.
+        self._host_online: bool | None = None
+        #: Timestamp of the newest STATE accepted, kept across sessions: an older one is stale.
+        self._host_ts: int | None = None
+        ncmd, dcmd = command_subscriptions(self.node.group_id, self.node.edge_node_id)
+        subscriptions = [(ncmd, 1), (dcmd, 1)]
+        if self._state_topic is not None:
+            subscriptions.append((self._state_topic, 1))
+        self._qos = section.qos_data
+        buf = section.buffer
+        self._outbox = Outbox(
+            runtime.data_dir / OUTBOX_FILE,
+            max_bytes=int(buf.max_mb * 1e6),
+            max_age_s=buf.max_age_h * 3600,
+            when_full=buf.when_full,
+            fsync=buf.fsync,
+            window=buf.inflight,
+            replay_rate=buf.replay_rate,
+        )
+        self._in_flight: dict[int, int] = {}  # packet id -> outbox id
+        self._acks: list[int] = []
+        self._acks_scheduled = False
+        self._deaths_waiting = False
+        self._topic_parts: dict[str, bytes] = {}
+        self._replay_wake = asyncio.Event()
+        self._replay_task: asyncio.Task[None] | None = None
+        self._steps_seen = runtime.clock.step_count
+        self._link = MqttLink(
+            runtime,
+            section,
+            self,
+            client_id=section.client_id or f"{gw.name}-sparkplug",
+            will=self._will,
+            subscriptions=subscriptions,
+            backoff=backoff,
+            name="Sparkplug",
+        )
+        self._link.on_change = self._update_health
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+        self._once_bad = OnceLogger(log, "Sparkplug buffer")
+        self._unknown_keys: set[TagKey] = set()
+        self._dcmd_logged: set[str] = set()
+        self.births = 0
+        self.published = 0
+        self.dropped_unusable = 0
+        self._health: dict[str, object] = {}
+        self._update_health()
+        runtime.health[self.name] = self._health
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the buffer, then connect in the background: never waits for the broker."""
+        if self._loop is not None or self._closed:
+            return
+        self._loop = asyncio.get_running_loop()
+        # A buffer that cannot be opened (another gateway on this data directory) fails the
+        # start loudly, before anything is published.
+        self._outbox.open()
+        stored = self._outbox.stats["stored"]
+        if stored:
+            log.info("Sparkplug: %d buffered DDATA from before the restart to replay", stored)
+        self._replay_task = asyncio.create_task(self._replay(), name="sparkplug[replay]")
+        self._replay_task.add_done_callback(self._crashed)
+        self._link.start()
+
+    async def run(self, sub: Subscription) -> None:
+        watcher = asyncio.create_task(self._watch_status(), name="sparkplug[status]")
+        watcher.add_done_callback(self._crashed)
+        try:
+            while (batch := await sub.get()) is not None:
+                self._on_batch(batch)
+                self._update_health()
+        finally:
+            watcher.cancel()
+            await asyncio.wait([watcher])
+        # Drivers have stopped: send what is live in memory; what waits on disk stays there
+        # for the next start. The NDEATH at close() says the devices are gone.
+        await self._stop_replay()
+        await self._flush(FLUSH_TIMEOUT)
+
+    async def close(self) -> None:
+        """NDEATH, DISCONNECT (bounded), release everything. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        await self._stop_replay()
+        goodbye = None
+        if self._link.connected and self.node.bdseq is not None:
+            death = self.node.ndeath()
+            goodbye = Will(death.topic, death.payload, death.qos, death.retain)
+        await self._link.close(goodbye)
+        self._flush_acks()
+        self._in_flight.clear()
+        kept = self._outbox.stats["queued_messages"]
+        self._update_health()
+        # Unacknowledged DDATA goes to disk and is replayed after the next start.
+        self._outbox.close()
+        if kept:
+            log.info("Sparkplug: %d undelivered DDATA kept in the buffer for the next start", kept)
+
+    async def _stop_replay(self) -> None:
+        task, self._replay_task = self._replay_task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.wait([task])
+
+    def _crashed(self, task: asyncio.Task[None]) -> None:
+        """A bug in a background task must not leave Sparkplug silently dead: say so."""
+        if task.cancelled() or task.exception() is None:
+            return
+        self._link.last_error = f"internal error: {task.exception()!r}"
+        self._update_health()
+        log.error("Sparkplug: %s stopped by a bug", task.get_name(), exc_info=task.exception())
+
+    # -- the session ---------------------------------------------------------------------
+
+    def _will(self) -> Will:
+        """Before every CONNECT: the next bdSeq, and the NDEATH that carries it as the Will."""
+        death = self.node.connect()
+        self._update_health()
+        return Will(death.topic, death.payload, death.qos, death.retain)
+
+    def _born(self) -> bool:
+        """The node's births hold: DDATA may go out."""
+        return self._link.connected and self.node.online
+
+    def _deliverable(self) -> bool:
+        return self._born() and not self._link.backlogged()
+
+    def _birth(self) -> None:
+        """NBIRTH and every DBIRTH, then what waits: live DDATA, then the replay."""
+        # DDATA still in memory was made against the previous BIRTHs; after the new ones,
+        # whose values are newer, it may only go out as history.
+        self._outbox.put([], deliverable=False)
+        self._publish_now(self.node.births())
+        self.births += 1
+        self._sync_devices()
+        self._pump()
+        self._replay_wake.set()
+        self._update_health()
+
+    def _publish_now(self, messages: Sequence[SpMessage]) -> None:
+        """Births and deaths: straight to the connection, in seq order, never buffered.
+
+        Raw like the DDATA, so that they keep their place among them in paho's write queue;
+        and paho would send an unacknowledged QoS 1 NDEATH of its own again in the next
+        session, whose bdSeq it does not carry.
+        """
+        stored = [
+            Stored(0, Message(m.topic, m.payload, m.qos, m.retain, 0), False) for m in messages
+        ]
+        data, _ = encode_publishes(
+            stored, self._link.next_mid, self._topic_parts, lambda s: s.message.payload
+        )
+        self._link.queue_raw(data, len(stored))
+        self.published += len(stored)
+
+    def _sync_devices(self) -> None:
+        """DBIRTH for each device that is back, DDEATH for each that went away.
+
+        A DDEATH waits while buffered DDATA does: it may be that device's, and a DDATA
+        after the DDEATH would be a protocol error to the host.
+        """
+        self._deaths_waiting = False
+        if not self._born():
+            return
+        node = self.node
+        out: list[SpMessage] = []
+        for device, st in self.runtime.statuses.items():
+            if device not in self._metrics:
+                continue
+            alive = st.state in _ALIVE
+            born = node.born(device)
+            if alive and not born:
+                out.append(node.dbirth(device))
+            elif born and not alive:
+                if self._outbox.stats["pending"] or self._outbox.to_replay:
+                    self._deaths_waiting = True
+                    continue
+                out.append(node.ddeath(device))
+        if out:
+            self._publish_now(out)
+            self._update_health()
+
+    async def _watch_status(self) -> None:
+        bus = self.runtime.bus
+        seen = bus.status_version
+        self._sync_devices()
+        while True:
+            seen = await bus.wait_status(seen)
+            self._sync_devices()
+
+    def _end_session(self, why: str) -> None:
+        """NDEATH, DISCONNECT, and the link connects again (a new session, a new bdSeq)."""
+        self._publish_now([self.node.ndeath()])
+        self._link.end_session(why)
+
+    # -- what the link tells us (LinkUser) -----------------------------------------------
+
+    def link_up(self) -> None:
+        """Subscribed; births now, or once the primary host says it is online."""
+        self._host_online = None
+        if self._host_id is None:
+            self._birth()
+        else:
+            log.info(
+                "Sparkplug: connected; waiting for primary host %s to be online", self._host_id
+            )
+        self._update_health()
+
+    def link_down(self, unsent_raw: int) -> None:
+        # Acks that arrived before the drop are real; every DDATA handed over and not
+        # acknowledged goes back to the buffer (on disk), to be replayed: at least once.
+        self.published -= unsent_raw
+        acks, self._acks = self._acks, []
+        if acks:
+            self._outbox.acked(acks)
+        self._in_flight.clear()
+        self._outbox.spill()
+        self.node.offline()
+        self._update_health()
+
+    def link_writable(self) -> None:
+        # Not from inside loop_write's own bookkeeping, hence call_soon.
+        if not self._acks_scheduled and self._loop is not None:
+            self._acks_scheduled = True
+            self._loop.call_soon(self._flush_acks)
+
+    def link_acked(self, mid: int) -> bool:
+        id_ = self._in_flight.pop(mid, None)
+        if id_ is None:
+            return False
+        self._acks.append(id_)
+        if not self._acks_scheduled and self._loop is not None:
+            self._acks_scheduled = True
+            self._loop.call_soon(self._flush_acks)
+        return True
+
+    def link_message(self, topic: str, payload: bytes) -> None:
+        if topic == self._state_topic:
+            self._on_state(payload)
+            return
+        try:
+            command = parse_command_topic(topic)
+        except SparkplugError:
+            return
+        if (command.group_id, command.edge_node_id) != (self.node.group_id, self.node.edge_node_id):
+            return
+        if command.message_type is MessageType.NCMD:
+            self._on_ncmd(payload)
+        elif command.device_id not in self._dcmd_logged:
+            # Once per device: a host that keeps writing must not flood the log.
+            self._dcmd_logged.add(command.device_id or "")
+            log.warning(
+                "Sparkplug: DCMD for device %s ignored: the gateway is read-only",
+                command.device_id,
+            )
+
+    def _on_ncmd(self, payload: bytes) -> None:
+        try:
+            rebirth = self.node.rebirth_requested(payload)
+        except SparkplugError as exc:
+            log.warning("Sparkplug: NCMD ignored: %s", exc)
+            return
+        if not rebirth:
+            log.info("Sparkplug: NCMD without a rebirth request ignored (read-only gateway)")
+        elif not self._born():
+            log.info("Sparkplug: rebirth requested before the births of this session; ignored")
+        else:
+            log.info("Sparkplug: rebirth requested by NCMD")
+            self._birth()
+
+    def _on_state(self, payload: bytes) -> None:
+        """The primary host's STATE: Sparkplug 3.0 JSON ``{"online":bool,"timestamp":ms}``."""
+        state = _parse_state(payload)
+        if state is None:
+            log.warning(
+                "Sparkplug: STATE of primary host %s is not Sparkplug 3.0 JSON: %r; ignored",
+                self._host_id,
+                payload[:100],
+            )
+            return
+        online, ts = state
+        # The host's Will carries the timestamp of its online STATE, so equal is current.
+        if self._host_ts is not None and ts < self._host_ts:
+            log.info("Sparkplug: stale STATE of primary host %s ignored", self._host_id)
+            return
+        self._host_ts = ts
+        was, self._host_online = self._host_online, online
+        if online:
+            if was is not True:
+                log.info("Sparkplug: primary host %s is online", self._host_id)
+            if self._link.connected and not self.node.online:
+                self._birth()
+        elif self._born():
+            log.warning(
+                "Sparkplug: primary host %s went offline: NDEATH, disconnect, connect again"
+                " and wait for it; data is buffered meanwhile",
+                self._host_id,
+            )
+            self._end_session(f"primary host {self._host_id} went offline")
+        elif was is not False:
+            log.info(
+                "Sparkplug: primary host %s is offline; data is buffered until it is online",
+                self._host_id,
+            )
+        self._update_health()
+
+    # -- data ----------------------------------------------------------------------------
+
+    def _on_batch(self, batch: Sequence[Reading]) -> None:
+        """One poll of one device, usually: its DDATA of what changed, into the buffer."""
+        by_device: dict[str, list[Reading]] = {}
+        device_of = self._device_of
+        for reading in batch:
+            device = device_of.get(reading.key)
+            if device is None:
+                self._unknown(reading.key)
+                continue
+            group = by_device.get(device)
+            if group is None:
+                group = by_device[device] = []
+            group.append(reading)
+        synced = self.runtime.clock.synced is not False
+        out: list[Message] = []
+        for device, readings in by_device.items():
+            ddata = self.node.ddata(device, readings, store=True)
+            if ddata is None:
+                continue
+            ts_ms = round(max(r.source_ts for r in readings) * 1000)
+            out.append(Message(ddata.topic, ddata.payload, self._qos, False, ts_ms, synced))
+        if out:
+            self._offer(out)
+
+    def _unknown(self, key: TagKey) -> None:
+        if key not in self._unknown_keys:
+            self._unknown_keys.add(key)
+            log.warning("Sparkplug: tag %s is not in the NBIRTH; its values are not sent", key)
+
+    # -- the buffer and the wire ---------------------------------------------------------
+
+    def _offer(self, messages: list[Message]) -> None:
+        deliverable = self._deliverable()
+        self._outbox.put(messages, deliverable=deliverable)
+        if deliverable:
+            self._pump()
+
+    def _pump(self) -> None:
+        """Live DDATA waiting in memory, to the connection."""
+        if self._deliverable():
+            live = self._outbox.next_live(PUMP_CHUNK)
+            if live:
+                self._send(live)
+
+    def _send(self, stored: list[Stored]) -> None:
+        """Buffered DDATA, each stamped with the next seq as it goes, as raw PUBLISH packets."""
+        node = self.node
+        now_ms = round(time.time() * 1000)
+        wire: dict[int, bytes] = {}
+        ready: list[Stored] = []
+        unusable: list[int] = []
+        for s in stored:
+            m = s.message
+            payload = None
+            device = m.topic[len(self._ddata_prefix) :]
+            metrics = self._metrics.get(device) if m.topic.startswith(self._ddata_prefix) else None
+            if metrics is not None:
+                try:
+                    payload = sequenced(
+                        m.payload,
+                        node.seq,
+                        metrics=metrics,
+                        timestamp=now_ms,
+                        historical=s.historical,
+                        shift_ms=m.rebased_ms,
+                    )
+                except SparkplugError as exc:
+                    self._once_bad.failed(f"a buffered DDATA is unreadable ({exc}); dropped")
+            if payload is None:
+                # Another edge node's, a device or tags no longer configured, or corrupt.
+                unusable.append(s.id)
+                continue
+            node.take_seq()
+            wire[s.id] = payload
+            ready.append(s)
+        if unusable:
+            self.dropped_unusable += len(unusable)
+            self._outbox.acked(unusable)
+        if not ready:
+            return
+        link = self._link
+        data, mids = encode_publishes(ready, link.next_mid, self._topic_parts, lambda s: wire[s.id])
+        self._in_flight.update(mids)
+        link.queue_raw(data, len(ready))
+        self.published += len(ready)
+        # QoS 0: written to the connection is as acknowledged as it gets.
+        if not self._qos:
+            self._outbox.acked([s.id for s in ready])
+
+    def _flush_acks(self) -> None:
+        self._acks_scheduled = False
+        acks, self._acks = self._acks, []
+        if acks:
+            self._outbox.acked(acks)
+        self._pump()
+        self._replay_wake.set()
+        if self._deaths_waiting:
+            self._sync_devices()
+        self._update_health()
+
+    async def _replay(self) -> None:
+        """What waited on disk, oldest first, at ``buffer.replay_rate``, beside live data."""
+        box = self._outbox
+        wake = self._replay_wake
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.5):
+                    await wake.wait()
+            wake.clear()
+            self._rebase_on_steps()
+            while box.to_replay > 0 and self._deliverable():
+                batch = box.next_replay(REPLAY_CHUNK)
+                if not batch:
+                    # The rate limit or the in-flight window: acks and time make room.
+                    await asyncio.sleep(0.01)
+                    continue
+                self._send(batch)
+                self._update_health()
+                await asyncio.sleep(0)
+            if self._deaths_waiting:
+                self._sync_devices()
+
+    def _rebase_on_steps(self) -> None:
+        """Shift what was stamped before the clock was set by each step measured since."""
+        clock = self.runtime.clock
+        new = clock.step_count - self._steps_seen
+        if new <= 0:
+            return
+        self._steps_seen = clock.step_count
+        for step in list(clock.steps)[-new:]:
+            log.info("Sparkplug: clock stepped by %+.3f s: re-basing buffered DDATA", step.delta)
+            self._outbox.rebase(round(step.delta * 1000))
+
+    async def _flush(self, seconds: float) -> None:
+        """Wait (bounded) until every live DDATA handed over is written and acknowledged."""
+        if not self._born():
+            return
+        self._pump()
+
+        def done() -> bool:
+            return not self._link.connected or (
+                self._link.idle() and self._outbox.stats["pending"] == 0 and not self._in_flight
+            )
+
+        await wait_until(done, seconds)
+        self._flush_acks()
+        self._update_health()
+
+    # -- health --------------------------------------------------------------------------
+
+    def _update_health(self) -> None:
+        h = self._health
+        link = self._link
+        node = self.node
+        st = self._outbox.stats
+        h["connected"] = link.connected
+        h["broker"] = link.broker
+        h["node"] = f"{node.group_id}/{node.edge_node_id}"
+        h["bdseq"] = node.bdseq
+        h["seq"] = (node.seq - 1) % 256 if node.online else None
+        h["births"] = self.births
+        h["primary_host"] = self._host_id
+        h["host_online"] = self._host_online
+        h["queued"] = st["queued_messages"]
+        h["buffered"] = st["stored"]
+        oldest = self._outbox.oldest_ts_ms() if st["queued_messages"] else None
+        h["oldest_age_s"] = None if oldest is None else round(time.time() - oldest / 1000, 1)
+        h["published"] = self.published
+        h["replayed"] = st["replayed"]
+        h["dropped"] = (
+            st["dropped_full"] + st["dropped_age"] + st["dropped_io"] + self.dropped_unusable
+        )
+        h["dropped_full"] = st["dropped_full"]
+        h["dropped_age"] = st["dropped_age"]
+        h["dropped_io"] = st["dropped_io"]
+        h["dropped_unusable"] = self.dropped_unusable
+        h["reconnects"] = link.reconnects
+        h["last_error"] = link.last_error or self._outbox.last_error
+
+
+def _parse_state(payload: bytes) -> tuple[bool, int] | None:
+    """``(online, timestamp)`` of a Sparkplug 3.0 STATE payload, or None if it is not one."""
+    try:
+        doc = json.loads(payload)
+    except ValueError:
+        return None
+    if not isinstance(doc, dict):
+        return None
+    online, ts = doc.get("online"), doc.get("timestamp")
+    if type(online) is not bool or type(ts) is not int:
+        return None
+    return online, ts
