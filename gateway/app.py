@@ -23,10 +23,11 @@ from drivers.base import Describable, Diagnosable, Driver
 from gateway.bus import Bus, Subscription
 from gateway.clock import ClockWatch
 from gateway.config import GatewayConfig, LoadedConfig
-from gateway.model import Reading, TagSpec
+from gateway.model import Reading, TagKey, TagSpec
 from gateway.runner import RETRIABLE, Backoff, DeviceRunner
 from gateway.sinks.base import Sink
 from gateway.status import DeviceStatus
+from gateway.writes import AuditLog, WriteResult, WriteService
 
 __all__ = ["FunctionSink", "Gateway", "build_driver", "build_sinks", "log_sink"]
 
@@ -85,6 +86,10 @@ def build_driver(device: Any) -> Driver:
     return driver
 
 
+#: Every write to a machine, refused or done: one JSON object per line, in the data directory.
+AUDIT_FILE = "audit.jsonl"
+
+
 @dataclass
 class Gateway:
     """The compiled runtime graph of one config. Build it, then ``await run(stop)``."""
@@ -98,6 +103,7 @@ class Gateway:
     health: dict[str, dict[str, object]] = field(init=False, default_factory=dict)
     #: Probed once here (adjtimex, else a bounded timedatectl call), checked every second.
     clock: ClockWatch = field(init=False, default_factory=ClockWatch)
+    writes: WriteService = field(init=False)
 
     def __post_init__(self) -> None:
         cfg = self.loaded.config
@@ -126,9 +132,19 @@ class Gateway:
                     failures_to_open=brk.failures,
                 )
             )
+        self.writes = WriteService(
+            {t.key: t for t in self.tags},
+            {d.name: d for d in self.drivers},
+            self.bus.latest,
+            AuditLog(self.data_dir / AUDIT_FILE),
+        )
         # Drivers keep what they compiled; release the validated tag models (see driver docs).
         slim = [d.model_copy(update={"tags": []}) for d in cfg.devices]
         self.loaded = LoadedConfig(self.loaded.path, cfg.model_copy(update={"devices": slim}))
+
+    async def write(self, key: TagKey, value: object, *, user: str, origin: str) -> WriteResult:
+        """Write one tag on its machine, for any sink: validated, read back, audited."""
+        return await self.writes.write(key, value, user=user, origin=origin)
 
     @property
     def tags(self) -> list[TagSpec]:

@@ -547,7 +547,8 @@ class _Loader:
             self.issue((csv_file, 1), key_loc, "the CSV file is empty; it needs a header row")
             return False
         header_line, header = rows[0]
-        fields = list(tag_model.model_fields)
+        excluded: frozenset[str] = getattr(tag_model, "CSV_EXCLUDED", frozenset())
+        fields = [f for f in tag_model.model_fields if f not in excluded]
         columns: list[str | None] = []  # None: a column we ignore (already reported, or blank)
         for cell in header:
             name = cell.strip().lower()

@@ -27,6 +27,7 @@ __all__ = [
     "DeviceTimeout",
     "GatewayError",
     "OutboxError",
+    "WriteRefused",
 ]
 
 
@@ -99,6 +100,20 @@ class DeviceException(DeviceError):
 
 class DecodeError(DeviceError):
     kind = "decode"
+
+
+class WriteRefused(GatewayError):
+    """A write to a machine was refused before anything was sent, or failed on the way.
+
+    ``code`` is machine-readable (the MQTT reply and the audit carry it): ``unknown_tag``,
+    ``not_writable``, ``bad_type``, ``out_of_range``, ``not_allowed``, ``rate_limited``,
+    ``not_representable``, ``forbidden``, ``device`` (the device refused or did not answer)
+    or ``verify_failed`` (written, but the read-back differs).
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        self.code = code
+        super().__init__(message)
 
 
 class OutboxError(GatewayError):

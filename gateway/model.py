@@ -10,7 +10,17 @@ import enum
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-__all__ = ["Quality", "RawSample", "ReadGroup", "Reading", "Reason", "TagKey", "TagSpec", "Value"]
+__all__ = [
+    "Quality",
+    "RawSample",
+    "ReadGroup",
+    "Reading",
+    "Reason",
+    "TagKey",
+    "TagSpec",
+    "Value",
+    "WriteRule",
+]
 
 #: A value as it leaves normalisation: numbers are int or float, strings stay strings.
 Value = bool | int | float | str
@@ -91,6 +101,21 @@ class Reading(NamedTuple):
 
 
 @dataclass(slots=True, frozen=True)
+class WriteRule:
+    """What a writable tag accepts, in engineering units (after scale and offset).
+
+    A tag without one is read-only, whatever any client asks. A value must be in ``allowed``
+    when that is given, else within ``minimum``..``maximum``; two writes to the tag are at
+    least ``min_interval`` seconds apart.
+    """
+
+    minimum: float | None = None
+    maximum: float | None = None
+    allowed: tuple[Value, ...] = ()
+    min_interval: float = 0.0
+
+
+@dataclass(slots=True, frozen=True)
 class TagSpec:
     """Everything the runtime and the sinks need to know about a tag, whatever its driver.
 
@@ -112,6 +137,8 @@ class TagSpec:
     interval: float = 1.0
     #: A human-readable origin, such as ``holding 40001`` or ``coil 12``, for tables and logs.
     source: str = ""
+    #: None: read-only (the default for every tag).
+    write: WriteRule | None = None
     #: ``"<machine>/<name>"``, computed once: it is looked up for every value of every poll.
     key: TagKey = field(init=False)
 

@@ -119,3 +119,33 @@ class DeviceNormalizer:
             else:
                 append(normalize(specs[i], sample, ts, latest.get(keys[i])))
         return out
+
+
+_INTEGER_TYPES = frozenset(
+    {"int16", "uint16", "int32", "uint32", "int64", "uint64", "bcd16", "bcd32"}
+)
+
+
+def to_engineering(spec: TagSpec, raw: Value) -> Value:
+    """A raw value in engineering units, as a poll would show it (for a write's read-back)."""
+    if isinstance(raw, bool | str) or (spec.scale == 1.0 and spec.offset == 0.0):
+        return raw
+    if isinstance(raw, int):
+        return round(raw * spec.scale + spec.offset, _decimals(spec.scale, spec.offset))
+    return raw * spec.scale + spec.offset
+
+
+def to_raw(spec: TagSpec, value: Value) -> Value:
+    """The raw value that :func:`to_engineering` turns into ``value``, exactly, or
+    ValueError: a setpoint of 12.34 on a tag with scale 0.1 is refused, never rounded to
+    12.3 behind the operator's back."""
+    if isinstance(value, bool | str) or spec.datatype in ("bool", "bit", "string"):
+        return value
+    raw = (value - spec.offset) / spec.scale
+    if spec.datatype not in _INTEGER_TYPES:
+        return raw
+    whole = round(raw)
+    if abs(raw - whole) > 1e-9 * max(1.0, abs(raw)):
+        step = f"{spec.scale:g}" + (f" from {spec.offset:g}" if spec.offset else "")
+        raise ValueError(f"{value} is not a multiple of the tag's resolution {step}")
+    return int(whole)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Sequence
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -131,8 +131,25 @@ REGISTER_WIDTH: dict[DataType, int] = {
 }
 
 
+class WriteLimits(_Strict):
+    """What a client may write to a writable tag, in engineering units (after scale)."""
+
+    min: float | None = Field(default=None, description="Smallest value a client may write.")
+    max: float | None = Field(default=None, description="Largest value a client may write.")
+    values: list[bool | int | float] | None = Field(
+        default=None, min_length=1, description="The only values a client may write."
+    )
+    min_interval: float = Field(
+        default=1.0, ge=0, le=86_400, description="Seconds between two writes to this tag."
+    )
+
+
 class ModbusTag(_Strict):
     """One value read from a Modbus device."""
+
+    #: Not columns of a CSV register table: a write is allowed in the YAML, beside its limits,
+    #: where a reviewer sees it, never by a cell in a spreadsheet export.
+    CSV_EXCLUDED: ClassVar[frozenset[str]] = frozenset({"writable", "write"})
 
     name: _Name
     table: Table | None = Field(
@@ -157,6 +174,13 @@ class ModbusTag(_Strict):
     deadband: float | None = Field(default=None, ge=0)
     min: float | None = Field(default=None, description="Expected minimum; below is Uncertain.")
     max: float | None = Field(default=None, description="Expected maximum; above is Uncertain.")
+    writable: bool = Field(
+        default=False,
+        description="Let OPC UA operators, MQTT /set and Sparkplug DCMD write it (needs `write`).",
+    )
+    write: WriteLimits | None = Field(
+        default=None, description="Limits for writes; required with writable: true."
+    )
 
 
 class Workarounds(_Strict):
@@ -353,6 +377,39 @@ def check_device(device: ModbusDevice) -> list[tuple[tuple[str | int, ...], str]
     return issues
 
 
+def _check_write(tag: ModbusTag, table: Table) -> list[tuple[tuple[str, ...], str]]:
+    """A machine is written only where the config says so, within limits it states."""
+    w = tag.write
+    if not tag.writable:
+        if w is not None:
+            return [(("write",), "write limits are set but writable is not true")]
+        return []
+    if table not in (Table.HOLDING, Table.COIL):
+        return [(("writable",), f"a {table.value} is read-only in Modbus")]
+    if tag.type is DataType.STRING:
+        return [(("writable",), "string tags are not writable")]
+    if tag.type is DataType.BIT:
+        # Only a read-modify-write of the whole register could set it: that would race the
+        # machine's own changes to the other 15 bits.
+        return [(("writable",), "a bit inside a register is not writable; use a coil")]
+    if w is None:
+        return [(("write",), "writable: true needs `write:` limits (min and max, or values)")]
+    out: list[tuple[tuple[str, ...], str]] = []
+    if tag.type is DataType.BOOL:
+        if w.min is not None or w.max is not None:
+            out.append((("write", "min"), "min/max do not apply to a bool; use values"))
+        if w.values is not None and not all(isinstance(v, bool) for v in w.values):
+            out.append((("write", "values"), "a bool tag's values must be true/false"))
+        return out
+    if w.values is None and (w.min is None or w.max is None):
+        out.append((("write",), "a writable number needs both min and max, or values"))
+    if w.min is not None and w.max is not None and w.min > w.max:
+        out.append((("write", "min"), f"min {w.min} is greater than max {w.max}"))
+    if w.values is not None and any(isinstance(v, bool) for v in w.values):
+        out.append((("write", "values"), f"true/false are not values of a {tag.type} tag"))
+    return out
+
+
 def _check_tag(tag: ModbusTag, table: Table, address: int) -> list[tuple[tuple[str, ...], str]]:
     out: list[tuple[tuple[str, ...], str]] = []
     if table.is_bits != (tag.type is DataType.BOOL):
@@ -387,6 +444,7 @@ def _check_tag(tag: ModbusTag, table: Table, address: int) -> list[tuple[tuple[s
         out.append((("order",), f"order {tag.order} is for 64-bit types, not {tag.type}"))
     if address + register_count(tag) > 65536:
         out.append((("address",), "the value runs past the end of the table (65535)"))
+    out.extend(_check_write(tag, table))
     if tag.min is not None and tag.max is not None and tag.min > tag.max:
         out.append((("min",), f"min {tag.min} is greater than max {tag.max}"))
     if tag.type in (DataType.BOOL, DataType.BIT, DataType.STRING) and (

@@ -15,20 +15,22 @@ if TYPE_CHECKING:
 import asyncio
 import logging
 from collections.abc import Hashable, Sequence
-from typing import cast
+from typing import NamedTuple, cast
 
 from drivers.latency_timer import LatencyTimer, tune_latency_timer
 from drivers.modbus.config import (
+    ByteOrder,
     DataType,
     ModbusDevice,
     ModbusRtuDevice,
     ModbusRtuOverTcpDevice,
     ModbusTag,
     ModbusTcpDevice,
+    Table,
     register_count,
     resolve_address,
 )
-from drivers.modbus.decode import Decoder, buffers, compile_decoder
+from drivers.modbus.decode import Decoder, buffers, compile_decoder, decode, encode
 from drivers.modbus.plan import Request, Span, plan, split, summarize
 from drivers.modbus.serial_bus import PortOwner, attach, silence
 from drivers.modbus.transport import (
@@ -38,7 +40,7 @@ from drivers.modbus.transport import (
     ModbusTcpTransport,
 )
 from gateway.errors import ConnectionLost, DecodeError, DeviceException
-from gateway.model import RawSample, ReadGroup, Reason, TagSpec
+from gateway.model import RawSample, ReadGroup, Reason, TagSpec, Value, WriteRule
 
 __all__ = ["ModbusRtuDriver", "ModbusRtuOverTcpDriver", "ModbusTcpDriver"]
 
@@ -51,6 +53,25 @@ ILLEGAL_DATA_ADDRESS = 2
 #: Exception codes that mean "the device behind a gateway is not there": the whole device is
 #: down, not one block of it.
 _DEVICE_DOWN_CODES = frozenset({10, 11})
+
+
+class _Where(NamedTuple):
+    table: Table
+    address: int
+    type: DataType
+    order: ByteOrder
+    width: int
+    bit: int | None
+
+
+def _write_rule(tag: ModbusTag) -> WriteRule | None:
+    w = tag.write
+    if not tag.writable or w is None:
+        return None
+    allowed: tuple[Value, ...] = tuple(w.values) if w.values is not None else ()
+    if tag.type is DataType.BOOL and not allowed:
+        allowed = (False, True)
+    return WriteRule(w.min, w.max, allowed, w.min_interval)
 
 
 def _source(tag: ModbusTag, table: str, address: int) -> str:
@@ -73,6 +94,8 @@ class _ModbusDriver:
         tags: list[TagSpec] = []
         spans: list[Span] = []
         self._decoders: list[Decoder | None] = []
+        #: Per tag: where it lives and how it is encoded, for writes and their read-back.
+        self._where: list[_Where] = []
         for index, tag in enumerate(device.tags):
             table, address = resolve_address(device.addressing, tag.table, tag.address)
             interval = tag.interval or device.interval
@@ -92,7 +115,11 @@ class _ModbusDriver:
                     deadband=tag.deadband,
                     interval=interval,
                     source=_source(tag, table.value, address),
+                    write=_write_rule(tag),
                 )
+            )
+            self._where.append(
+                _Where(table, address, tag.type, tag.order, register_count(tag), tag.bit)
             )
             spans.append(Span(index, table, address, register_count(tag)))
             self._decoders.append(
@@ -142,6 +169,33 @@ class _ModbusDriver:
 
     async def _transfer(self, request: Request) -> list[int] | list[bool]:
         raise NotImplementedError
+
+    async def _write_transfer(self, table: Table, address: int, data: list[int] | bool) -> None:
+        raise NotImplementedError
+
+    async def _read_back(self, table: Table, address: int, count: int) -> list[int] | list[bool]:
+        raise NotImplementedError
+
+    async def write(self, tag: int, value: Value) -> Value:
+        """Write one tag's raw (unscaled) value, encoded with the tag's own type and byte
+        order, then read it back. Returns the value read back (decoded the way polls decode
+        it), so the caller can verify. Raises DeviceError, or TypeError/ValueError for a
+        value the tag's type cannot carry (nothing is sent then)."""
+        spec = self.tags[tag]
+        if spec.write is None:
+            raise PermissionError(f"{self.name}: {spec.name} is not writable")
+        w = self._where[tag]
+        if w.table is Table.COIL:
+            if not isinstance(value, bool):
+                raise TypeError(f"value {value!r} is not a bool")
+            await self._write_transfer(w.table, w.address, value)
+            bits = await self._read_back(w.table, w.address, 1)
+            return bool(bits[0])
+        count = w.width if w.type is DataType.STRING else None
+        registers = encode(w.type, w.order, value, count=count, bit=w.bit)
+        await self._write_transfer(w.table, w.address, registers)
+        back = await self._read_back(w.table, w.address, w.width)
+        return decode(w.type, w.order, [int(r) for r in back], bit=w.bit)
 
     async def _read_group(self, group: int) -> list[RawSample]:
         w = self.device.workarounds
@@ -245,6 +299,16 @@ class ModbusTcpDriver(_ModbusDriver):
 
     async def _transfer(self, request: Request) -> list[int] | list[bool]:
         return await self.transport.read(request.table, request.start, request.count)
+
+    # pymodbus runs one request at a time per client, so a write waits behind a poll.
+    async def _write_transfer(self, table: Table, address: int, data: list[int] | bool) -> None:
+        if isinstance(data, bool):
+            await self.transport.write_coil(address, data)
+        else:
+            await self.transport.write_registers(address, data)
+
+    async def _read_back(self, table: Table, address: int, count: int) -> list[int] | list[bool]:
+        return await self.transport.read(table, address, count)
 
     # -- Driver --------------------------------------------------------------------------
 
@@ -381,6 +445,38 @@ class _SharedLineDriver(_ModbusDriver):
                 request.count,
                 unit_id=self.unit_id,
                 response_timeout=timeout,
+            ),
+            gap=gap,
+        )
+
+    async def _write_transfer(self, table: Table, address: int, data: list[int] | bool) -> None:
+        owner = self._owner
+        if owner is None:
+            raise ConnectionLost(f"{self.name}: not connected")
+        link = owner.link
+        assert isinstance(link, ClientTransport)
+        _, _, _, gap = self._line()
+        unit = self.unit_id
+        if isinstance(data, bool):
+            flag = data
+            await owner.transaction(lambda: link.write_coil(address, flag, unit_id=unit), gap=gap)
+        else:
+            regs = data
+            await owner.transaction(
+                lambda: link.write_registers(address, regs, unit_id=unit), gap=gap
+            )
+
+    async def _read_back(self, table: Table, address: int, count: int) -> list[int] | list[bool]:
+        owner = self._owner
+        if owner is None:
+            raise ConnectionLost(f"{self.name}: not connected")
+        link = owner.link
+        assert isinstance(link, ClientTransport)
+        _, _, _, gap = self._line()
+        timeout = self.device.timeout
+        return await owner.transaction(
+            lambda: link.read(
+                table, address, count, unit_id=self.unit_id, response_timeout=timeout
             ),
             gap=gap,
         )

@@ -321,7 +321,9 @@ class ClientTransport:
             )
         return list(registers)
 
-    async def write_registers(self, address: int, values: Sequence[int]) -> None:
+    async def write_registers(
+        self, address: int, values: Sequence[int], *, unit_id: int | None = None
+    ) -> None:
         """Write holding registers (FC16)."""
         client = self._client
         if client is None or not client.connected:
@@ -330,7 +332,9 @@ class ClientTransport:
             raise ValueError(f"holding {address}+{len(values)} is not a valid write")
         what = f"write {_describe(Table.HOLDING, address, len(values))}"
         try:
-            response = await client.write_registers(address, list(values), device_id=self.unit_id)
+            response = await client.write_registers(
+                address, list(values), device_id=self.unit_id if unit_id is None else unit_id
+            )
         except ModbusException as exc:
             raise self._failed(client, exc, what, self.timeout) from None
         except asyncio.CancelledError:
@@ -339,7 +343,7 @@ class ClientTransport:
         if isinstance(response, ExceptionResponse):
             raise self._refused(response, what)
 
-    async def write_coil(self, address: int, value: bool) -> None:
+    async def write_coil(self, address: int, value: bool, *, unit_id: int | None = None) -> None:
         """Write one coil (FC5)."""
         client = self._client
         if client is None or not client.connected:
@@ -348,7 +352,9 @@ class ClientTransport:
             raise ValueError(f"coil {address} is not a valid address")
         what = f"write {_describe(Table.COIL, address, 1)}"
         try:
-            response = await client.write_coil(address, value, device_id=self.unit_id)
+            response = await client.write_coil(
+                address, value, device_id=self.unit_id if unit_id is None else unit_id
+            )
         except ModbusException as exc:
             raise self._failed(client, exc, what, self.timeout) from None
         except asyncio.CancelledError:

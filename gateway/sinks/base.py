@@ -22,8 +22,9 @@ from typing import Protocol
 from gateway.bus import Bus, Subscription
 from gateway.clock import ClockWatch
 from gateway.config import GatewayConfig
-from gateway.model import TagSpec
+from gateway.model import TagKey, TagSpec
 from gateway.status import DeviceStatus
+from gateway.writes import WriteResult
 
 __all__ = ["RuntimeView", "Sink"]
 
@@ -53,6 +54,11 @@ class RuntimeView(Protocol):
     #: boots with a stale clock. Sinks that keep readings (the MQTT buffer) re-base them.
     @property
     def clock(self) -> ClockWatch: ...
+
+    async def write(self, key: TagKey, value: object, *, user: str, origin: str) -> WriteResult:
+        """The only way a sink writes to a machine (gateway.writes): validated, read back,
+        audited; raises WriteRefused with a machine-readable code."""
+        ...
 
     #: Sink name -> its state for the status page and /metrics, e.g.
     #: ``{"mqtt": {"connected": True, "queued": 0, "published": 1234, "dropped": 0}}``.
