@@ -80,6 +80,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 
 from gateway.bus import Subscription
 from gateway.config import BrokerSection, MqttSection
+from gateway.errors import WriteRefused
 from gateway.logutil import OnceLogger
 from gateway.model import Quality, Reading, Reason, TagKey, TagSpec, Value
 from gateway.outbox import Message, Outbox, Stored
@@ -799,12 +800,21 @@ class MqttSink:
         self._steps_seen = runtime.clock.step_count
         self._replay_task: asyncio.Task[None] | None = None
         self._status_sent: dict[str, bytes] = {}
+        # Commands: only the writable tags' topics are subscribed, so a config without
+        # writable tags does not even listen.
+        self._set_topics: dict[str, TagKey] = {
+            f"{self._base}/{t.machine}/{t.name}/set": t.key
+            for t in runtime.tags
+            if t.write is not None
+        }
+        self._commands: set[asyncio.Task[None]] = set()
         self._link = MqttLink(
             runtime,
             section,
             self,
             client_id=section.client_id or gw.name,
             will=lambda: Will(self._gateway_topic, _OFFLINE, self._qos_state, True),
+            subscriptions=[(topic, 1) for topic in self._set_topics],
             backoff=backoff,
         )
         self._link.on_change = self._update_health
@@ -859,6 +869,10 @@ class MqttSink:
         if self._closed:
             return
         self._closed = True
+        for task in list(self._commands):
+            task.cancel()
+        if self._commands:
+            await asyncio.wait(list(self._commands))
         await self._stop_replay()
         await self._link.close(Will(self._gateway_topic, _OFFLINE, self._qos_state, True))
         self._flush_acks()
@@ -943,7 +957,46 @@ class MqttSink:
         return True
 
     def link_message(self, topic: str, payload: bytes) -> None:
-        pass
+        """``<tag topic>/set`` with ``{"value": ...}`` (and an optional ``"id"`` echoed back):
+        a write through the runtime; the answer goes to ``<tag topic>/set/result``."""
+        key = self._set_topics.get(topic)
+        if key is None or self._closed:
+            return
+        task = asyncio.get_running_loop().create_task(
+            self._command(topic, key, payload), name=f"mqtt[set {key}]"
+        )
+        self._commands.add(task)
+        task.add_done_callback(self._commands.discard)
+        task.add_done_callback(self._crashed)
+
+    async def _command(self, topic: str, key: TagKey, payload: bytes) -> None:
+        reply: dict[str, object] = {"tag": key}
+        try:
+            body = json.loads(payload)
+        except ValueError:
+            body = None
+        if isinstance(body, dict) and "id" in body:
+            reply["id"] = body["id"]
+        if not isinstance(body, dict) or "value" not in body or set(body) - {"value", "id"}:
+            reply |= {
+                "ok": False,
+                "code": "bad_request",
+                "error": 'the payload must be a JSON object {"value": ..., "id": optional}',
+            }
+            log.warning("MQTT: refused %s: not a JSON object with a value", topic)
+        else:
+            # MQTT 3.1.1 does not say who published: broker ACLs decide who may write here.
+            try:
+                result = await self.runtime.write(
+                    key, body["value"], user="mqtt", origin=f"mqtt {self._link.broker} {topic}"
+                )
+            except WriteRefused as exc:
+                reply |= {"ok": False, "code": exc.code, "error": str(exc)}
+            else:
+                reply |= {"ok": True, "value": result.value, "read_back": result.read_back}
+        if self._connected:
+            data = json.dumps(reply, ensure_ascii=False, separators=(",", ":")).encode()
+            self._link.publish(f"{topic}/result", data, 1, False)
 
     # -- value messages ------------------------------------------------------------------
 
