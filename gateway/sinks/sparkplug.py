@@ -16,8 +16,10 @@ What a message holds, seq and bdSeq, aliases and the Quality property are
 configured). The Will is asked for before every CONNECT, so that it carries that session's
 bdSeq. A session: CONNECT, SUBSCRIBE, then NBIRTH (seq 0) and a DBIRTH per device, then DDATA.
 A device whose state goes offline (or stopped) gets a DDEATH, one that comes back a DBIRTH.
-An NCMD with ``Node Control/Rebirth`` true repeats the births (same bdSeq, seq from 0); DCMD
-is logged and ignored: the gateway is read-only.
+An NCMD with ``Node Control/Rebirth`` true repeats the births (same bdSeq, seq from 0). A
+DCMD's metrics are writes through the runtime (``gateway.writes``: only tags with
+``writable: true``, within their limits, read back and audited as user "sparkplug"); the
+value read back shows in the next DDATA.
 
 Primary host (``primary_host_id``): births wait until ``spBv1.0/STATE/<id>`` says
 ``{"online":true,"timestamp":...}``; a STATE older than the newest one seen is ignored. When
@@ -56,6 +58,7 @@ from collections.abc import Sequence
 
 from gateway.bus import Subscription
 from gateway.config import SparkplugSection
+from gateway.errors import WriteRefused
 from gateway.logutil import OnceLogger
 from gateway.model import Reading, TagKey, TagSpec
 from gateway.outbox import Message, Outbox, Stored
@@ -69,6 +72,7 @@ from gateway.sparkplug import (
     MessageType,
     SparkplugError,
     command_subscriptions,
+    decode,
     parse_command_topic,
     sequenced,
 )
@@ -108,12 +112,15 @@ class SparkplugSink:
         for spec in runtime.tags:
             specs.setdefault(spec.device, []).append(spec)
         self._device_of: dict[TagKey, str] = {}
+        self._machine_of: dict[str, str] = {}
+        self._commands: set[asyncio.Task[None]] = set()
         self._metrics: dict[str, dict[str, tuple[int, DataType]]] = {}
         for device, device_specs in specs.items():
             self.node.add_device(device, device_specs)
             self._metrics[device] = self.node.metrics(device)
             for spec in device_specs:
                 self._device_of[spec.key] = device
+                self._machine_of[device] = spec.machine
         self._ddata_prefix = f"{NAMESPACE}/{self.node.group_id}/{MessageType.DDATA}/"
         self._ddata_prefix += f"{self.node.edge_node_id}/"
         self._host_id = section.primary_host_id
@@ -160,7 +167,6 @@ class SparkplugSink:
         self._closed = False
         self._once_bad = OnceLogger(log, "Sparkplug buffer")
         self._unknown_keys: set[TagKey] = set()
-        self._dcmd_logged: set[str] = set()
         self.births = 0
         self.published = 0
         self.dropped_unusable = 0
@@ -205,6 +211,10 @@ class SparkplugSink:
         if self._closed:
             return
         self._closed = True
+        for task in list(self._commands):
+            task.cancel()
+        if self._commands:
+            await asyncio.wait(list(self._commands))
         await self._stop_replay()
         goodbye = None
         if self._link.connected and self.node.bdseq is not None:
@@ -272,7 +282,11 @@ class SparkplugSink:
             Stored(0, Message(m.topic, m.payload, m.qos, m.retain, 0), False) for m in messages
         ]
         data, _ = encode_publishes(
-            stored, self._link.next_mid, self._topic_parts, lambda s: s.message.payload
+            stored,
+            self._link.next_mid,
+            self._topic_parts,
+            lambda s: s.message.payload,
+            v5=self._link.v5,
         )
         self._link.queue_raw(data, len(stored))
         self.published += len(stored)
@@ -370,13 +384,43 @@ class SparkplugSink:
             return
         if command.message_type is MessageType.NCMD:
             self._on_ncmd(payload)
-        elif command.device_id not in self._dcmd_logged:
-            # Once per device: a host that keeps writing must not flood the log.
-            self._dcmd_logged.add(command.device_id or "")
-            log.warning(
-                "Sparkplug: DCMD for device %s ignored: the gateway is read-only",
-                command.device_id,
+        elif command.device_id is not None:
+            task = asyncio.get_running_loop().create_task(
+                self._on_dcmd(command.device_id, topic, payload),
+                name=f"sparkplug[dcmd {command.device_id}]",
             )
+            self._commands.add(task)
+            task.add_done_callback(self._commands.discard)
+            task.add_done_callback(self._crashed)
+
+    async def _on_dcmd(self, device_id: str, topic: str, payload: bytes) -> None:
+        """A DCMD: each metric (by name or alias) is a write through the runtime, with the
+        same guard rails as every other write (gateway.writes). Sparkplug has no reply
+        message: the result shows in the next DDATA (the value read back) and in the audit
+        and log."""
+        metrics = self._metrics.get(device_id)
+        if metrics is None:
+            log.warning("Sparkplug: DCMD for unknown device %s ignored", device_id)
+            return
+        by_alias = {alias: name for name, (alias, _) in metrics.items()}
+        try:
+            command = decode(payload, datatypes=dict(metrics.values()))
+        except SparkplugError as exc:
+            log.warning("Sparkplug: DCMD for %s does not decode: %s", device_id, exc)
+            return
+        machine = self._machine_of.get(device_id, device_id)
+        for metric in command.metrics:
+            name = metric.name or (by_alias.get(metric.alias) if metric.alias else None)
+            if name is None or name not in metrics:
+                log.warning("Sparkplug: DCMD for %s names no metric of it: %r", device_id, metric)
+                continue
+            key = f"{machine}/{name}"
+            try:
+                await self.runtime.write(
+                    key, metric.value, user="sparkplug", origin=f"sparkplug {topic}"
+                )
+            except WriteRefused:
+                continue  # audited and logged by the write service
 
     def _on_ncmd(self, payload: bytes) -> None:
         try:
@@ -470,7 +514,8 @@ class SparkplugSink:
     def _pump(self) -> None:
         """Live DDATA waiting in memory, to the connection."""
         if self._deliverable():
-            live = self._outbox.next_live(PUMP_CHUNK)
+            n = self._link.room(PUMP_CHUNK) if self._qos else PUMP_CHUNK
+            live = self._outbox.next_live(n)
             if live:
                 self._send(live)
 
@@ -511,7 +556,9 @@ class SparkplugSink:
         if not ready:
             return
         link = self._link
-        data, mids = encode_publishes(ready, link.next_mid, self._topic_parts, lambda s: wire[s.id])
+        data, mids = encode_publishes(
+            ready, link.next_mid, self._topic_parts, lambda s: wire[s.id], v5=link.v5
+        )
         self._in_flight.update(mids)
         link.queue_raw(data, len(ready))
         self.published += len(ready)
@@ -541,7 +588,8 @@ class SparkplugSink:
             wake.clear()
             self._rebase_on_steps()
             while box.to_replay > 0 and self._deliverable():
-                batch = box.next_replay(REPLAY_CHUNK)
+                n = self._link.room(REPLAY_CHUNK) if self._qos else REPLAY_CHUNK
+                batch = box.next_replay(n)
                 if not batch:
                     # The rate limit or the in-flight window: acks and time make room.
                     await asyncio.sleep(0.01)
@@ -607,6 +655,9 @@ class SparkplugSink:
         h["dropped_io"] = st["dropped_io"]
         h["dropped_unusable"] = self.dropped_unusable
         h["reconnects"] = link.reconnects
+        h["protocol"] = link.protocol
+        h["tls"] = link.tls_version
+        h["refused"] = link.refused
         h["last_error"] = link.last_error or self._outbox.last_error
 
 

@@ -194,6 +194,10 @@ class Watcher:
     async def __aexit__(self, *exc: object) -> None:
         # Without an external loop, paho writes the DISCONNECT and closes the socket at once.
         self.client.disconnect()
+        # loop() made paho a socket pair; its __del__ would close it, but when the client is
+        # collected as part of a reference cycle the sockets may be finalised first
+        # (unclosed-socket ResourceWarning, an error here).
+        self.client._reset_sockets()
 
     def pump(self) -> None:
         """Process what has arrived (paho's loop() reads one packet per call)."""

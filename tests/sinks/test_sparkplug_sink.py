@@ -10,6 +10,7 @@ import asyncio
 import itertools
 import json
 import logging
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -23,7 +24,7 @@ import yaml
 from drivers.modbus.config import Table
 from drivers.modbus.simulator import RegisterMapDevice
 from drivers.modbus.transport import RegisterServer
-from gateway.app import Gateway, build_sinks
+from gateway.app import AUDIT_FILE, Gateway, build_sinks
 from gateway.config import GatewayConfig, LoadedConfig
 from gateway.model import Quality, Reading, Reason, TagSpec
 from gateway.runner import Backoff
@@ -45,6 +46,7 @@ from gateway.sparkplug import (
 from gateway.sparkplug import Message as SpMessage
 from gateway.status import DeviceState
 from tests.conftest import free_port
+from tests.drivers.test_writes import Recording
 from tests.sinks.conftest import Message, Mosquitto, Watcher
 from tests.unit.test_sparkplug import js_decode
 
@@ -493,7 +495,7 @@ async def test_births_and_deaths_across_a_broker_restart(
     assert health["dropped"] == 0
 
 
-async def test_rebirth_on_ncmd_and_dcmd_is_ignored(
+async def test_rebirth_on_ncmd_and_a_dcmd_to_a_read_only_tag_is_refused(
     tmp_path: Path, mosquitto: int, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="gateway.sinks.sparkplug")
@@ -530,7 +532,11 @@ async def test_rebirth_on_ncmd_and_dcmd_is_ignored(
     assert msgs[4].metric("count").value == 1
     assert gw.health["sparkplug"]["births"] == 2
     text = caplog.text
-    assert "DCMD for device lathe-1-plc ignored: the gateway is read-only" in text
+    # A DCMD is a write like any other: speed is not writable, so it is refused and audited.
+    assert "write lathe-1/speed = 1 by sparkplug" in text
+    assert "lathe-1/speed is read-only" in text
+    audit = (tmp_path / "data" / AUDIT_FILE).read_text().splitlines()
+    assert [json.loads(a)["result"] for a in audit] == ["not_writable"]
     assert "NCMD ignored: not a Sparkplug B payload" in text
     assert "rebirth requested by NCMD" in text
 
@@ -844,3 +850,39 @@ def test_the_status_page_shows_a_sparkplug_card(tmp_path: Path) -> None:
     plain = Gateway(LoadedConfig(loaded.path, loaded.config.model_copy(update={"sparkplug": None})))
     page = "".join(WebSink(plain, WebSection(port=free_port())).iter_page(time.time()))
     assert 'data-sink="sparkplug"' not in page
+
+
+async def test_a_dcmd_writes_a_writable_tag_and_the_next_ddata_shows_it(
+    tmp_path: Path, mosquitto: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    writable = [
+        {**TAGS[0], "writable": True, "write": {"min": 0, "max": 3000, "min_interval": 0}},
+        *TAGS[1:],
+    ]
+    monkeypatch.setattr(sys.modules[__name__], "TAGS", writable)
+    dev = Recording()
+    port = free_port()
+    gw = Gateway(make_config(tmp_path, mosquitto, port))
+    sink = fast_sink(gw)
+    now_ms = round(time.time() * 1000)
+    dcmd = f"{NAMESPACE}/{GROUP}/DCMD/{EDGE}/{DEVICE}"
+    async with (
+        RegisterServer([dev], port=port),
+        Watcher(mosquitto, f"{NAMESPACE}/#") as w,
+        running(gw, sink),
+    ):
+        await w.wait(lambda: count(w, "DBIRTH") == 1)
+        alias = next(m.alias for m in sp(w)[1].payload.metrics if m.name == "speed")
+        # By alias, as a host that has seen the DBIRTH sends it.
+        write = Metric(alias=alias, datatype=DataType.UINT16, value=1450)
+        w.client.publish(dcmd, encode(Payload(timestamp=now_ms, metrics=(write,))), qos=1)
+        await w.wait(
+            lambda: any(
+                m.kind == "DDATA" and any(x.alias == alias and x.value == 1450
+                                          for x in m.payload.metrics)
+                for m in sp(w)
+            )
+        )  # fmt: skip
+    assert dev.writes == [(Table.HOLDING, 0, [1450])]
+    (entry,) = [json.loads(a) for a in (tmp_path / "data" / AUDIT_FILE).read_text().splitlines()]
+    assert (entry["result"], entry["user"], entry["tag"]) == ("ok", "sparkplug", "lathe-1/speed")
