@@ -50,6 +50,7 @@ __all__ = [
     "MqttSection",
     "OpcUaSection",
     "SparkplugSection",
+    "TlsSection",
     "WebSection",
     "format_issues",
     "json_schema",
@@ -156,6 +157,47 @@ class BufferSection(_Section):
     )
 
 
+class TlsSection(_Section):
+    """TLS to the broker: TLS 1.2 or newer, its certificate checked against ``ca_file`` and
+    its name unless explicitly switched off. Files are relative to this config file."""
+
+    ca_file: str | None = Field(
+        default=None,
+        description="PEM file with the CA(s) that signed the broker's certificate. Default: "
+        "the system's CAs.",
+    )
+    cert_file: str | None = Field(
+        default=None, description="Our client certificate (PEM), for a broker that asks for one."
+    )
+    key_file: str | None = Field(
+        default=None, description="The client certificate's key (PEM); default: in cert_file."
+    )
+    key_password_env: str | None = Field(
+        default=None, description="Environment variable holding the key's password, if any."
+    )
+    verify_hostname: bool = Field(
+        default=True,
+        description="The certificate must name host (or server_name). Off: any certificate the "
+        "CA signed is taken as the broker's; a warning at every start.",
+    )
+    server_name: str | None = Field(
+        default=None,
+        min_length=1,
+        description="The name checked in the certificate and sent as SNI. Default: host.",
+    )
+    insecure_skip_verify: bool = Field(
+        default=False,
+        description="Accept any certificate: still encrypted, but anyone on the network path "
+        "can pose as the broker. Tests only; a warning at every start.",
+    )
+
+    @model_validator(mode="after")
+    def _client_cert(self) -> TlsSection:
+        if (self.key_file or self.key_password_env) and not self.cert_file:
+            raise ValueError("key_file and key_password_env belong to a cert_file")
+        return self
+
+
 class BrokerSection(_Section):
     """How to reach an MQTT broker: shared by the ``mqtt:`` and ``sparkplug:`` sections."""
 
@@ -170,6 +212,26 @@ class BrokerSection(_Section):
         default=None, description="File holding the password, relative to this config file."
     )
     keepalive: int = Field(default=30, ge=5, le=3600, description="Seconds.")
+    tls: TlsSection | None = Field(
+        default=None,
+        description="TLS to the broker. Absent: plain TCP, with a warning at every start "
+        "unless the broker is on loopback.",
+    )
+    protocol: Literal["auto", "5", "3.1.1"] = Field(
+        default="auto",
+        description="MQTT version. auto: 5, or 3.1.1 from the first time the broker refuses 5 "
+        "until the gateway restarts.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _protocol_text(cls, data: Any) -> Any:
+        # YAML reads `protocol: 5` as a number.
+        if isinstance(data, dict) and type(data.get("protocol")) is int:
+            return {**data, "protocol": str(data["protocol"])}
+        return data
+
+
 
 
 class MqttSection(BrokerSection):

@@ -57,6 +57,45 @@ a send() per packet). Value messages are therefore encoded here from precomputed
 and handed to paho's write queue as one buffer per poll; QoS 1 packet ids come from paho's
 own sequence and the PUBACKs are routed back here by a hook (``_Client._handle_pubackcomp``).
 Status messages go through ``publish()`` as usual.
+
+TLS (``tls:``, shared by the ``mqtt:`` and ``sparkplug:`` sections): TLS 1.2 or newer, the
+broker's certificate checked against ``ca_file`` (default: the system's CAs) and its name
+against ``server_name`` (default: ``host``); ``cert_file``/``key_file`` for a broker that
+asks for a client certificate. The context is built from the files at every attempt (kept
+while they are unchanged), so renewed certificates take effect without a restart; relative
+paths are relative to the config file. The handshake runs on the event loop, non-blocking
+and bounded by CONNECT_TIMEOUT, and paho is handed the finished ``ssl.SSLSocket``.
+``tls.insecure_skip_verify``, ``tls.verify_hostname: false`` and plain TCP to a broker not on
+loopback each log a WARNING at every start.
+
+MQTT version (``protocol``): ``auto`` (default) sends an MQTT 5 CONNECT; a broker that
+answers "unsupported protocol version" (or closes the connection before any CONNACK) is
+asked again at once in 3.1.1, and once that works the link stays on 3.1.1 until the process
+restarts. In MQTT 5 the raw PUBLISH packets carry an empty property list, a PUBACK's reason
+code is read (>= 0x80: the broker refused the message; it is dropped, and logged once per
+connection), and the broker's Receive Maximum is shared between our raw QoS 1 packets and
+paho's own publishes, so that the two never exceed it together.
+
+paho internals relied on (paho-mqtt is pinned to ~=2.2.0; check each on an upgrade):
+
+- ``_create_socket_connection``, overridden: returns the socket asyncio connected (with TLS
+  already done). paho's ``_ssl`` stays False, or its ``_create_socket`` would wrap the
+  socket again with a blocking handshake.
+- ``loop_read`` reads one packet per call and does not look at ``SSLSocket.pending()``
+  (only paho's own select loop ``_loop`` does, paho issue #131): with TLS, what is left of a
+  record waits decrypted inside the SSL object, invisible to the event loop, so the reader
+  here drains it.
+- ``_sock_recv``/``_sock_send``, overridden to keep the ``ssl.SSLError`` that paho logs and
+  turns into a lost connection (a TLS alert after the handshake: a client certificate the
+  broker refused under TLS 1.3), so that the error says what happened.
+- ``_handle_pubackcomp`` and ``_in_packet["packet"]``: a PUBACK's packet id (the first two
+  bytes, in 3.1.1 and 5) and MQTT 5 reason code (the third byte, if any).
+- ``_packet_queue`` and ``_mid_generate``: raw packets in paho's write queue, with packet ids
+  from paho's own sequence.
+- ``_out_packet`` and ``_out_messages``: the bounds of what waits in paho.
+- ``_max_inflight_messages``, set in ``on_connect`` (the public setter refuses on an open
+  connection): paho's part of the broker's Receive Maximum, from that CONNACK.
+- ``_sock_close``: dropping the socket after a failure.
 """
 
 from __future__ import annotations
@@ -69,6 +108,7 @@ import logging
 import math
 import os
 import socket
+import ssl
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -77,6 +117,8 @@ from typing import Any, Protocol
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.reasoncodes import ReasonCode
 
 from gateway.bus import Subscription
 from gateway.config import BrokerSection, MqttSection
@@ -126,8 +168,14 @@ REPLAY_CHUNK = 500
 #: instead of a reconnect, a full republish and two log lines several times a second.
 STABLE_AFTER = 10.0
 
+#: paho's own QoS 1 publishes (states) in flight, unless the broker's Receive Maximum is less.
+PAHO_INFLIGHT = 100
+
 _PUBLISH = 0x30
 _KEEPALIVE_TIMEOUT = 141  # MQTT 5 reason code; paho uses it for a missed PINGRESP
+# CONNACK reason codes (MQTT 5 §3.2.2.2); paho maps a 3.1.1 broker's answers onto them.
+_UNSUPPORTED_VERSION = 132
+_BAD_LOGIN = frozenset({134, 135})  # bad user name or password, not authorized
 _ONLINE = b'{"state":"online"}'
 _OFFLINE = b'{"state":"offline"}'
 _QUALITY = {Quality.GOOD: "good", Quality.UNCERTAIN: "uncertain", Quality.BAD: "bad"}
@@ -203,8 +251,10 @@ def _remaining_length(n: int) -> bytes:
             return bytes(out)
 
 
-def _packet(first: int, topic_part: bytes, payload: bytes) -> bytes:
-    """One MQTT 3.1.1 PUBLISH packet without packet id (QoS 0)."""
+def _packet(first: int, topic_part: bytes, payload: bytes, v5: bool = False) -> bytes:
+    """One PUBLISH packet without packet id (QoS 0); in MQTT 5 with an empty property list."""
+    if v5:
+        topic_part += b"\x00"
     return (
         bytes((first,)) + _remaining_length(len(topic_part) + len(payload)) + topic_part + payload
     )
@@ -236,10 +286,15 @@ def encode_publishes(
     next_mid: Callable[[], int],
     topic_parts: dict[str, bytes],
     wire: Callable[[Stored], bytes] = _wire_payload,
+    *,
+    v5: bool = False,
 ) -> tuple[bytes, list[tuple[int, int]]]:
-    """Buffered messages as concatenated MQTT 3.1.1 PUBLISH packets, and for the QoS 1 ones
-    (packet id, outbox id). ``topic_parts`` caches each topic's encoded form; ``wire`` makes
-    the payload as sent (the UNS JSON's by default; Sparkplug stamps its seq)."""
+    """Buffered messages as concatenated PUBLISH packets, and for the QoS 1 ones (packet id,
+    outbox id). ``topic_parts`` caches each topic's encoded form; ``wire`` makes the payload
+    as sent (the UNS JSON's by default; Sparkplug stamps its seq). ``v5``: MQTT 5 packets,
+    whose variable header ends with a property list (empty here, MQTT 5 §3.3.2.3)."""
+    props = b"\x00" if v5 else b""
+    extra = len(props)
     parts: list[bytes] = []
     add = parts.append
     mids: list[tuple[int, int]] = []
@@ -256,12 +311,15 @@ def encode_publishes(
         if m.qos:
             mid = next_mid()
             mids.append((mid, s.id))
-            add(bytes((0x32 | retain,)) + _remaining_length(len(topic_part) + 2 + len(payload)))
+            length = len(topic_part) + 2 + extra + len(payload)
+            add(bytes((0x32 | retain,)) + _remaining_length(length))
             add(topic_part)
-            add(mid.to_bytes(2, "big"))
+            add(mid.to_bytes(2, "big") + props)
         else:
-            add(bytes((0x30 | retain,)) + _remaining_length(len(topic_part) + len(payload)))
+            add(bytes((0x30 | retain,)) + _remaining_length(len(topic_part) + extra + len(payload)))
             add(topic_part)
+            if extra:
+                add(props)
         add(payload)
     return b"".join(parts), mids
 
@@ -319,12 +377,15 @@ class _Tag:
 
 
 class _Client(mqtt.Client):
-    """paho's client, handed a TCP connection that asyncio made (paho's connect blocks)."""
+    """paho's client, handed a connection that asyncio made (paho's connect blocks)."""
 
     next_socket: socket.socket | None = None
-    #: Called with the packet id of every PUBACK; True means it was one of our raw QoS 1
-    #: packets (paho never saw them, so its own bookkeeping must not run).
-    raw_acked: Callable[[int], bool] | None = None
+    #: Called with the packet id and reason code (0 in 3.1.1) of every PUBACK; True means it
+    #: was one of our raw QoS 1 packets (paho never saw them, so its own bookkeeping must not
+    #: run).
+    raw_acked: Callable[[int, int], bool] | None = None
+    #: The TLS failure that ended the connection, if one did.
+    tls_error: ssl.SSLError | None = None
 
     def _create_socket_connection(self) -> socket.socket:
         sock, self.next_socket = self.next_socket, None
@@ -332,18 +393,47 @@ class _Client(mqtt.Client):
             raise ConnectionError("no connected socket to hand to paho")
         return sock
 
+    def _sock_recv(self, bufsize: int) -> bytes:
+        try:
+            return super()._sock_recv(bufsize)
+        except ssl.SSLError as exc:
+            self._keep(exc)
+            raise
+
+    def _sock_send(self, buf: bytes | bytearray) -> int:
+        try:
+            return super()._sock_send(buf)
+        except ssl.SSLError as exc:
+            self._keep(exc)
+            raise
+
+    def _keep(self, exc: ssl.SSLError) -> None:
+        # paho has already turned want-read/want-write into BlockingIOError: this is a real
+        # failure, which paho would only log. An EOF is the peer closing: said elsewhere.
+        if self.tls_error is None and not isinstance(exc, ssl.SSLEOFError):
+            self.tls_error = exc
+
     def _handle_pubackcomp(self, cmd: Any) -> MQTTErrorCode:
         hook = self.raw_acked
         if hook is not None and cmd == "PUBACK":
-            # The variable header starts with the packet id (MQTT 3.1.1 §3.4.2).
-            mid = int.from_bytes(self._in_packet["packet"][:2], "big")
-            if hook(mid):
+            packet = self._in_packet["packet"]
+            # The packet id first (3.1.1 §3.4.2); MQTT 5 may follow it with a reason code,
+            # absent meaning success (5 §3.4.2.1).
+            mid = int.from_bytes(packet[:2], "big")
+            if hook(mid, packet[2] if len(packet) > 2 else 0):
                 return MQTTErrorCode.MQTT_ERR_SUCCESS
         return super()._handle_pubackcomp(cmd)
 
 
 class _Refused(Exception):
-    """The broker answered CONNACK with an error, or closed before answering."""
+    """The broker answered CONNACK with an error, or closed before answering; or the
+    connection could not be set up (TLS, credentials)."""
+
+    def __init__(self, message: str, *, version: bool = False) -> None:
+        super().__init__(message)
+        #: Worth asking again in MQTT 3.1.1: the broker refused the version, or closed the
+        #: connection before answering (what a broker without MQTT 5 may do).
+        self.version = version
 
 
 class LinkUser(Protocol):
@@ -359,7 +449,8 @@ class LinkUser(Protocol):
         """paho's write queue ran empty: room for what waits."""
 
     def link_acked(self, mid: int) -> bool:
-        """A PUBACK arrived; True if ``mid`` was one of the user's raw QoS 1 packets."""
+        """A PUBACK arrived for ``mid``, a packet id from :meth:`MqttLink.next_mid` (the
+        result is not used)."""
 
     def link_message(self, topic: str, payload: bytes) -> None:
         """A message arrived on a subscribed topic."""
@@ -421,6 +512,19 @@ class MqttLink:
         self.last_error = ""
         self._ended = False
         self.on_change: Callable[[], None] = lambda: None
+        #: The MQTT version and TLS version of the current (or last) connection.
+        self.protocol: str | None = None
+        self.tls_version: str | None = None
+        #: auto: the broker refused MQTT 5 and took 3.1.1; kept until the process ends.
+        self._v311_learned = False
+        self._client_v5: bool | None = None
+        # Raw QoS 1 packet ids sent and not yet acknowledged, and how many the broker's
+        # Receive Maximum leaves for them (None: no limit).
+        self._raw_mids: set[int] = set()
+        self._raw_quota: int | None = None
+        self.refused = 0
+        self._refusal_logged = False
+        self._tls_cache: tuple[object, ssl.SSLContext] | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -429,7 +533,8 @@ class MqttLink:
         if self._task is not None or self.closed:
             return
         self._loop = asyncio.get_running_loop()
-        self.client = self._make_client()
+        self._warn_if_insecure()
+        self._client_for(self._want_v5())
         self._task = asyncio.create_task(self._maintain(), name=f"{self.name.lower()}[link]")
         self._task.add_done_callback(self._crashed)
 
@@ -462,16 +567,45 @@ class MqttLink:
         self.on_change()
         log.error("%s: %s stopped by a bug", self.name, task.get_name(), exc_info=task.exception())
 
-    def _make_client(self) -> _Client:
+    def _warn_if_insecure(self) -> None:
+        """Every start, so that an insecure setting is never forgotten in a running plant."""
+        sec = self.section
+        tls = sec.tls
+        where = f"{self.name}: {self.broker}"
+        if tls is None:
+            if not _loopback(sec.host):
+                what = "the password and every message" if sec.username else "every message"
+                log.warning(
+                    "%s: no TLS: %s cross the network in clear text, readable and forgeable "
+                    "on the way; configure %s.tls (see the README)",
+                    where,
+                    what,
+                    self.name.lower(),
+                )
+        elif tls.insecure_skip_verify:
+            log.warning(
+                "%s: tls.insecure_skip_verify is on: the broker's certificate is not checked, "
+                "so anyone on the network path can pose as the broker and read what is sent",
+                where,
+            )
+        elif not tls.verify_hostname:
+            log.warning(
+                "%s: tls.verify_hostname is off: any certificate the CA signed is taken as "
+                "the broker's",
+                where,
+            )
+
+    def _make_client(self, v5: bool) -> _Client:
         client = _Client(
             CallbackAPIVersion.VERSION2,
             client_id=self.client_id,
-            clean_session=True,
-            protocol=mqtt.MQTTv311,
+            # A clean session either way: MQTT 5's clean start, with no session expiry.
+            clean_session=None if v5 else True,
+            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
             reconnect_on_failure=False,
         )
-        client.max_inflight_messages_set(100)
-        client.raw_acked = self.user.link_acked
+        client.max_inflight_messages_set(PAHO_INFLIGHT)
+        client.raw_acked = self._raw_acked
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
@@ -480,8 +614,22 @@ class MqttLink:
         client.on_socket_register_write = self._on_socket_register_write
         client.on_socket_unregister_write = self._on_socket_unregister_write
         # Stores host, port and keepalive only; the connection is made in _connect_once.
-        client.connect_async(self.section.host, self.section.port, self.section.keepalive)
+        if v5:
+            client.connect_async(
+                self.section.host, self.section.port, self.section.keepalive, clean_start=True
+            )
+        else:
+            client.connect_async(self.section.host, self.section.port, self.section.keepalive)
         return client
+
+    def _config_path(self, name: str) -> Path:
+        """A file named in the config: relative to the config file, as the schema says."""
+        path = Path(name)
+        if not path.is_absolute():
+            loaded = getattr(self.runtime, "loaded", None)
+            base = getattr(loaded, "path", None)
+            path = (Path(base).parent if base is not None else Path.cwd()) / path
+        return path
 
     def _password(self) -> str | None:
         """Read at every attempt, so that a fixed password file takes effect without restart."""
@@ -492,19 +640,94 @@ class MqttLink:
                 raise _Refused(f"environment variable {sec.password_env} is not set")
             return value
         if sec.password_file:
-            path = Path(sec.password_file)
-            if not path.is_absolute():
-                # Relative to the config file, as documented in the config schema.
-                loaded = getattr(self.runtime, "loaded", None)
-                base = getattr(loaded, "path", None)
-                path = (Path(base).parent if base is not None else Path.cwd()) / path
+            path = self._config_path(sec.password_file)
             try:
                 return path.read_text(encoding="utf-8").rstrip("\r\n")
             except OSError as exc:
                 raise _Refused(f"cannot read password file {path}: {exc.strerror}") from None
         return None
 
+    def _tls_name(self) -> str:
+        tls = self.section.tls
+        return (tls.server_name if tls is not None else None) or self.section.host
+
+    def _tls_context(self) -> ssl.SSLContext | None:
+        """The client context from ``tls:``, rebuilt when one of its files changed."""
+        tls = self.section.tls
+        if tls is None:
+            return None
+        files: list[tuple[str, Path]] = []
+        if tls.ca_file is not None and not tls.insecure_skip_verify:
+            files.append(("tls.ca_file", self._config_path(tls.ca_file)))
+        if tls.cert_file is not None:
+            files.append(("tls.cert_file", self._config_path(tls.cert_file)))
+        if tls.key_file is not None:
+            files.append(("tls.key_file", self._config_path(tls.key_file)))
+        stamp: list[object] = []
+        for field, path in files:
+            try:
+                st = path.stat()
+            except OSError as exc:
+                raise _Refused(f"TLS: cannot read {field} {path}: {exc.strerror}") from None
+            stamp.append((path, st.st_mtime_ns, st.st_size, st.st_ino))
+        if self._tls_cache is not None and self._tls_cache[0] == stamp:
+            return self._tls_cache[1]
+        paths = dict(files)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED, check_hostname
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        if tls.insecure_skip_verify:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        else:
+            ctx.check_hostname = tls.verify_hostname
+            ca = paths.get("tls.ca_file")
+            if ca is None:
+                ctx.load_default_certs()
+            else:
+                try:
+                    ctx.load_verify_locations(cafile=ca)
+                except ssl.SSLError as exc:
+                    raise _Refused(
+                        f"TLS: tls.ca_file {ca} holds no usable CA certificate (PEM expected; "
+                        f"{exc.reason or exc})"
+                    ) from None
+                except OSError as exc:
+                    raise _Refused(f"TLS: cannot read tls.ca_file {ca}: {exc.strerror}") from None
+        cert = paths.get("tls.cert_file")
+        if cert is not None:
+            key = paths.get("tls.key_file")
+            env = tls.key_password_env
+
+            def password() -> str:
+                # Without a callback OpenSSL would ask on the terminal for an encrypted key.
+                if env is None:
+                    raise _Refused(
+                        f"TLS: the key {key or cert} is encrypted: set tls.key_password_env"
+                    )
+                value = os.environ.get(env)
+                if value is None:
+                    raise _Refused(f"environment variable {env} is not set")
+                return value
+
+            try:
+                ctx.load_cert_chain(cert, key, password)
+            except ssl.SSLError as exc:
+                raise _Refused(
+                    f"TLS: cannot use the client certificate {cert}"
+                    f"{f' with the key {key}' if key else ''} ({exc.reason or exc}: a PEM "
+                    "certificate and its own key expected, and the key's password if any)"
+                ) from None
+            except OSError as exc:
+                raise _Refused(f"TLS: cannot read {cert}: {exc.strerror}") from None
+        self._tls_cache = (stamp, ctx)
+        return ctx
+
     # -- sending -------------------------------------------------------------------------
+
+    @property
+    def v5(self) -> bool:
+        """The connection speaks MQTT 5: what raw packets must be encoded for."""
+        return self.protocol == "5"
 
     def backlogged(self) -> bool:
         client = self.client
@@ -513,6 +736,13 @@ class MqttLink:
             len(client._out_packet) > MAX_PENDING_WRITES
             or len(client._out_messages) > MAX_PENDING_ACKS
         )
+
+    def room(self, n: int) -> int:
+        """How many of ``n`` raw QoS 1 messages may be sent now: the broker's Receive
+        Maximum (MQTT 5) binds how many wait for their PUBACK. Not a backlog: what waits
+        for room stays in the buffer's memory, in order, and goes as PUBACKs come in."""
+        quota = self._raw_quota
+        return n if quota is None else max(0, min(n, quota - len(self._raw_mids)))
 
     def queue_raw(self, data: bytes, count: int) -> None:
         """Hand ready PUBLISH packets (``count`` messages) to paho's write queue as one entry.
@@ -525,10 +755,13 @@ class MqttLink:
         client._packet_queue(_PUBLISH, data, count, 0, self.info)
 
     def next_mid(self) -> int:
-        """A packet id from paho's own sequence, so ours and paho's never collide."""
+        """A packet id for a raw QoS 1 packet, from paho's own sequence so that ours and
+        paho's never collide; its PUBACK goes to :meth:`LinkUser.link_acked`."""
         client = self.client
         assert client is not None
-        return client._mid_generate()
+        mid = client._mid_generate()
+        self._raw_mids.add(mid)
+        return mid
 
     def publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> None:
         client = self.client
@@ -567,7 +800,14 @@ class MqttLink:
             if self._ever_connected:
                 self.reconnects += 1
             else:
-                log.info("%s: connected to %s as %s", self.name, self.broker, self.client_id)
+                log.info(
+                    "%s: connected to %s as %s (MQTT %s%s)",
+                    self.name,
+                    self.broker,
+                    self.client_id,
+                    self.protocol,
+                    f", {self.tls_version}" if self.tls_version else ", no TLS",
+                )
             self._ever_connected = True
             self._once.recovered()
             self.connected = True
@@ -594,12 +834,40 @@ class MqttLink:
             self._failed(why)
             await asyncio.sleep(self._backoff.next())
 
+    def _want_v5(self) -> bool:
+        protocol = self.section.protocol
+        return protocol == "5" or (protocol == "auto" and not self._v311_learned)
+
+    def _client_for(self, v5: bool) -> _Client:
+        """paho fixes the MQTT version when a client is made: a new one to change it."""
+        if self.client is None or self._client_v5 != v5:
+            self.hard_close()
+            self.client = self._make_client(v5)
+            self._client_v5 = v5
+        return self.client
+
     async def _connect_once(self) -> None:
-        client = self.client
+        v5 = self._want_v5()
+        try:
+            await self._attempt(v5)
+        except _Refused as exc:
+            if not (v5 and exc.version and self.section.protocol == "auto"):
+                raise
+            log.info(
+                "%s: %s did not take MQTT 5 (%s): trying MQTT 3.1.1", self.name, self.broker, exc
+            )
+            self.hard_close()
+            await self._attempt(False)
+            self._v311_learned = True
+            log.info("%s: %s speaks MQTT 3.1.1: used until restart", self.name, self.broker)
+
+    async def _attempt(self, v5: bool) -> None:
+        """One connection: TCP, TLS if configured, CONNECT, CONNACK."""
         loop = self._loop
-        assert client is not None
         assert loop is not None
+        client = self._client_for(v5)
         password = self._password()
+        context = self._tls_context()
         if self.section.username is not None:
             client.username_pw_set(self.section.username, password)
         will = self._will()
@@ -608,9 +876,17 @@ class MqttLink:
         else:
             client.will_set(will.topic, will.payload, will.qos, will.retain)
         sock = await self._open_socket(loop)
+        if context is not None:
+            sock = await self._handshake(loop, sock, context)
+        self.protocol = "5" if v5 else "3.1.1"
+        self.tls_version = sock.version() if isinstance(sock, ssl.SSLSocket) else None
         self._lost.clear()
         self._lost_reason = ""
+        self._raw_mids.clear()
+        self._raw_quota = None
+        self._refusal_logged = False
         self._connack = loop.create_future()
+        client.tls_error = None
         client.next_socket = sock
         try:
             client.reconnect()
@@ -620,6 +896,37 @@ class MqttLink:
             raise
         async with asyncio.timeout(CONNECT_TIMEOUT):
             await self._connack
+
+    async def _handshake(
+        self, loop: asyncio.AbstractEventLoop, sock: socket.socket, context: ssl.SSLContext
+    ) -> ssl.SSLSocket:
+        """TLS over the connected socket without blocking the event loop."""
+        name = self._tls_name()
+        try:
+            tls = context.wrap_socket(sock, server_hostname=name, do_handshake_on_connect=False)
+        except BaseException:
+            sock.close()
+            raise
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                while True:
+                    try:
+                        tls.do_handshake()
+                    except ssl.SSLWantReadError:
+                        await _ready(loop, tls.fileno(), writable=False)
+                    except ssl.SSLWantWriteError:
+                        await _ready(loop, tls.fileno(), writable=True)
+                    else:
+                        return tls
+        except ssl.SSLError as exc:
+            tls.close()
+            raise _Refused(_tls_problem(exc, name, self.broker)) from None
+        except ConnectionError:
+            tls.close()
+            raise _Refused(_tls_closed(self.broker)) from None
+        except BaseException:
+            tls.close()
+            raise
 
     async def _open_socket(self, loop: asyncio.AbstractEventLoop) -> socket.socket:
         host, port = self.section.host, self.section.port
@@ -693,7 +1000,23 @@ class MqttLink:
     def _on_socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
         assert self._loop is not None
         self.fd = sock.fileno()
-        self._loop.add_reader(self.fd, client.loop_read)
+        if isinstance(sock, ssl.SSLSocket):
+            self._loop.add_reader(self.fd, self._read_tls, client, sock)
+        else:
+            self._loop.add_reader(self.fd, client.loop_read)
+
+    def _read_tls(self, client: mqtt.Client, sock: ssl.SSLSocket) -> None:
+        """loop_read, then what the TLS layer already holds: bytes decrypted from a record
+        that paho did not ask for yet wait in the SSL object, where the event loop cannot
+        see them; without this a PUBACK or command could wait for the next packet."""
+        client.loop_read()
+        for _ in range(1000):
+            if client.socket() is not sock or not sock.pending():
+                return
+            client.loop_read()
+        # Still more: the rest after other callbacks had their turn.
+        if self._loop is not None and client.socket() is sock:
+            self._loop.call_soon(self._read_tls, client, sock)
 
     def _on_socket_close(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
         # At once, not when _maintain wakes up: a batch in between must be kept by the user,
@@ -701,10 +1024,19 @@ class MqttLink:
         self.connected = False
         unsent = sum(p["mid"] for p in client._out_packet if p["info"] is self.info)
         self._remove_fd()
+        self._raw_mids.clear()
         self._lost.set()
+        tls_error = getattr(client, "tls_error", None)
+        if tls_error is not None and not self._lost_reason:
+            self._lost_reason = _tls_problem(tls_error, self._tls_name(), self.broker)
         connack = self._connack
         if connack is not None and not connack.done():
-            connack.set_exception(_Refused(self._lost_reason or "the broker closed the connection"))
+            if self._lost_reason:
+                connack.set_exception(_Refused(self._lost_reason))
+            else:
+                connack.set_exception(
+                    _Refused("the broker closed the connection without answering", version=True)
+                )
         self.user.link_down(unsent)
 
     def _on_socket_register_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
@@ -727,9 +1059,42 @@ class MqttLink:
             return
         if reason.is_failure:
             self._lost_reason = f"refused: {reason}"
-            connack.set_exception(_Refused(f"the broker refused the connection: {reason}"))
+            connack.set_exception(
+                _Refused(_connack_problem(reason), version=reason.value == _UNSUPPORTED_VERSION)
+            )
+            return
+        receive_maximum = getattr(properties, "ReceiveMaximum", None)
+        if isinstance(receive_maximum, int) and receive_maximum > 0:
+            # Ours and paho's QoS 1 publishes share the broker's quota: a fixed split, so
+            # that neither can push the sum over it (a broker may disconnect for that).
+            # paho's setter refuses once connected; here, before paho sends what it queued
+            # for this session, the attribute is what its setter would have set.
+            own = max(1, min(PAHO_INFLIGHT, receive_maximum // 4))
+            client._max_inflight_messages = own
+            self._raw_quota = max(1, receive_maximum - own)
         else:
-            connack.set_result(None)
+            client._max_inflight_messages = PAHO_INFLIGHT
+        connack.set_result(None)
+
+    def _raw_acked(self, mid: int, reason: int) -> bool:
+        if mid not in self._raw_mids:
+            return False  # one of paho's own
+        self._raw_mids.discard(mid)
+        if reason >= 0x80:
+            # MQTT 5 only (3.1.1 cannot refuse a publish): sending it again would not help.
+            self.refused += 1
+            if not self._refusal_logged:
+                self._refusal_logged = True
+                log.warning(
+                    "%s: %s refused a message (PUBACK: %s); it is dropped (more on this "
+                    "connection are counted, not logged). Does the broker's ACL let %s publish?",
+                    self.name,
+                    self.broker,
+                    ReasonCode(PacketTypes.PUBACK, identifier=reason),
+                    self.client_id,
+                )
+        self.user.link_acked(mid)
+        return True
 
     def _on_disconnect(
         self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any
@@ -1033,6 +1398,7 @@ class MqttSink:
         synced = self._clock_synced()
         qos = self._qos_values
         retain = self._retain_values
+        v5 = self._link.v5
         out: list[Message] = []
         refresh: list[bytes] = []
         # The readings of one poll share their timestamp: format it once.
@@ -1053,7 +1419,7 @@ class MqttSink:
                     f'{{"value":{text}{tag.unit_q}{self._bad_part(quality, reason, detail)}{tail}'
                 )
             if everything:
-                refresh.append(_packet(self._value_first, tag.topic_part, body.encode()))
+                refresh.append(_packet(self._value_first, tag.topic_part, body.encode(), v5))
             else:
                 out.append(Message(tag.topic, body.encode(), qos, retain, ts_ms, synced))
         if refresh:
@@ -1129,7 +1495,7 @@ class MqttSink:
             body = f'{self._device_heads[device]}{ts_ms},"values":{{{",".join(items)}}}}}'
             topic = self._device_topics[device]
             if everything:
-                refresh.append(_packet(_PUBLISH, _topic_part(topic), body.encode()))
+                refresh.append(_packet(_PUBLISH, _topic_part(topic), body.encode(), self._link.v5))
             else:
                 out.append(Message(topic, body.encode(), self._qos_values, False, ts_ms, synced))
         if refresh:
@@ -1187,7 +1553,8 @@ class MqttSink:
     def _pump(self) -> None:
         """Live messages waiting in memory, to the connection."""
         if self._connected and not self._link.backlogged():
-            live = self._outbox.next_live(PUMP_CHUNK)
+            n = self._link.room(PUMP_CHUNK) if self._qos_values else PUMP_CHUNK
+            live = self._outbox.next_live(n)
             if live:
                 self._send(live)
 
@@ -1198,7 +1565,7 @@ class MqttSink:
         paho, whose per-message bookkeeping costs ~19 us); the PUBACK hook hands the id back.
         """
         link = self._link
-        data, mids = encode_publishes(stored, link.next_mid, self._topic_parts)
+        data, mids = encode_publishes(stored, link.next_mid, self._topic_parts, v5=link.v5)
         self._in_flight.update(mids)
         link.queue_raw(data, len(stored))
         self.published += len(stored)
@@ -1227,7 +1594,8 @@ class MqttSink:
             self._rebase_on_steps()
             replayed = False
             while self._connected and box.to_replay > 0 and not self._link.backlogged():
-                batch = box.next_replay(REPLAY_CHUNK)
+                n = self._link.room(REPLAY_CHUNK) if self._qos_values else REPLAY_CHUNK
+                batch = box.next_replay(n)
                 if not batch:
                     # The rate limit or the in-flight window: acks and time make room.
                     await asyncio.sleep(0.01)
@@ -1308,6 +1676,9 @@ class MqttSink:
         h["dropped_age"] = st["dropped_age"]
         h["dropped_io"] = st["dropped_io"]
         h["reconnects"] = link.reconnects
+        h["protocol"] = link.protocol
+        h["tls"] = link.tls_version
+        h["refused"] = link.refused
         h["last_error"] = link.last_error or self._outbox.last_error
 
 
@@ -1323,6 +1694,106 @@ def _device_status(st: DeviceStatus) -> bytes:
         ensure_ascii=False,
         separators=(",", ":"),
     ).encode()
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+async def _ready(loop: asyncio.AbstractEventLoop, fd: int, *, writable: bool) -> None:
+    """Until ``fd`` is readable (or writable)."""
+    done: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    if writable:
+        loop.add_writer(fd, wake)
+    else:
+        loop.add_reader(fd, wake)
+    try:
+        await done
+    finally:
+        if writable:
+            loop.remove_writer(fd)
+        else:
+            loop.remove_reader(fd)
+
+
+#: OpenSSL verify codes (x509_vfy.h): the certificate's issuer is not a trusted CA.
+_UNTRUSTED = frozenset({2, 18, 19, 20, 21})
+_NAME_MISMATCH = frozenset({62, 64})  # hostname, IP address
+_EXPIRED = 10
+#: TLS alerts with which a broker refuses our client certificate.
+_CLIENT_CERT_REFUSED = frozenset(
+    {
+        "SSLV3_ALERT_BAD_CERTIFICATE",
+        "SSLV3_ALERT_CERTIFICATE_UNKNOWN",
+        "SSLV3_ALERT_CERTIFICATE_EXPIRED",
+        "SSLV3_ALERT_CERTIFICATE_REVOKED",
+        "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE",
+        "TLSV1_ALERT_UNKNOWN_CA",
+        "TLSV1_ALERT_ACCESS_DENIED",
+        "TLSV1_ALERT_DECRYPT_ERROR",
+    }
+)
+
+
+def _tls_problem(exc: ssl.SSLError, name: str, broker: str) -> str:
+    """What a TLS failure means, in the terms of the ``tls:`` settings that fix it."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        why = (exc.verify_message or str(exc)).rstrip(".")
+        if exc.verify_code in _NAME_MISMATCH:
+            return (
+                f"TLS: the broker's certificate is not valid for {name!r} ({why}): connect by "
+                "a name the certificate holds, or set tls.server_name to one"
+            )
+        if exc.verify_code in _UNTRUSTED:
+            return (
+                f"TLS: the broker's certificate is not signed by a trusted CA ({why}): is "
+                "tls.ca_file the CA that issued it?"
+            )
+        if exc.verify_code == _EXPIRED:
+            return f"TLS: the broker's certificate has expired ({why})"
+        return f"TLS: the broker's certificate was not accepted ({why})"
+    reason = exc.reason or ""
+    if reason == "TLSV13_ALERT_CERTIFICATE_REQUIRED":
+        return (
+            "TLS: the broker requires a client certificate (alert certificate required): set "
+            "tls.cert_file and tls.key_file"
+        )
+    if reason in _CLIENT_CERT_REFUSED:
+        return f"TLS: the broker refused our client certificate ({reason})"
+    if reason == "WRONG_VERSION_NUMBER":
+        return f"TLS: {broker} does not answer in TLS (a plain MQTT port?)"
+    return f"TLS: {reason or exc}"
+
+
+def _tls_closed(broker: str) -> str:
+    return (
+        f"TLS: {broker} closed the connection during the handshake (a plain MQTT port, or no "
+        "TLS version or cipher in common?)"
+    )
+
+
+def _connack_problem(reason: Any) -> str:
+    if reason.value in _BAD_LOGIN:
+        return (
+            f"the broker refused the connection: not authorised ({reason}): check username "
+            "and password"
+        )
+    if reason.value == _UNSUPPORTED_VERSION:
+        return (
+            f"the broker refused the connection: {reason} (it takes MQTT 3.1.1 only: "
+            "protocol: auto or 3.1.1)"
+        )
+    return f"the broker refused the connection: {reason}"
 
 
 def _describe(exc: BaseException) -> str:
