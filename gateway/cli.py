@@ -1,4 +1,5 @@
-"""``retrofit-gw``: check, once, schema, run, simulate, demo; read and scan for commissioning.
+"""``retrofit-gw``: check, once, schema, run, simulate, demo; read and scan for commissioning;
+passwd and certs for logins and OPC UA trust.
 
 Exit codes: 0 success, 1 a device could not be read (``once``, ``read``, ``scan``), 2 a bad
 config or bad usage.
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import getpass
 import json
 import logging
 import os
@@ -17,13 +19,16 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import gateway
 from drivers.base import Describable
 from drivers.modbus.simulator import serve
+from gateway import certs
 from gateway.app import FunctionSink, Gateway, build_sinks, log_sink
+from gateway.auth import hash_password
 from gateway.config import LoadedConfig, MqttSection, json_schema, load_config
 from gateway.demo_broker import DemoBroker
 from gateway.errors import ConfigError, DeviceError, GatewayError
@@ -379,6 +384,125 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return _run_main(main)
 
 
+def cmd_passwd(args: argparse.Namespace) -> int:
+    """Print the hash of a password, for ``password_hash:`` in a config."""
+    if args.stdin:
+        line = sys.stdin.readline()
+        # Only the line ending goes: spaces may be part of the password.
+        password = line.removesuffix("\n").removesuffix("\r")
+    else:
+        try:
+            password = getpass.getpass("Password: ")
+            again = getpass.getpass("Again: ")
+        except EOFError:
+            print("retrofit-gw passwd: no password given", file=sys.stderr)
+            return EXIT_CONFIG
+        if password != again:
+            print("retrofit-gw passwd: the two passwords differ; nothing printed", file=sys.stderr)
+            return EXIT_CONFIG
+    if not password:
+        print("retrofit-gw passwd: an empty password is not allowed", file=sys.stderr)
+        return EXIT_CONFIG
+    hashed = hash_password(password)
+    print(hashed)
+    if not args.stdin:
+        print(f'paste it into the config as:  password_hash: "{hashed}"', file=sys.stderr)
+    return EXIT_OK
+
+
+def _data_dir(args: argparse.Namespace) -> Path | None:
+    """The config's data directory (--data-dir wins); None after printing a config error."""
+    if args.data_dir:
+        return Path(args.data_dir)
+    try:
+        loaded = load_config(args.config)
+    except ConfigError as err:
+        _print_config_error(args.config, err)
+        return None
+    path = Path(loaded.config.gateway.data_dir)
+    return path if path.is_absolute() else loaded.path.parent / path
+
+
+def _when(value: datetime | None) -> str:
+    return "-" if value is None else f"{value:%Y-%m-%d %H:%M}"
+
+
+def cmd_certs_list(args: argparse.Namespace) -> int:
+    data_dir = _data_dir(args)
+    if data_dir is None:
+        return EXIT_CONFIG
+    found = certs.list_certificates(data_dir)
+    if args.json:
+        for c in found:
+            print(
+                json.dumps(
+                    {
+                        "id": c.id,
+                        "state": c.state,
+                        "subject": c.subject,
+                        "application_uri": c.application_uri,
+                        "not_before": c.not_before.isoformat(),
+                        "not_after": c.not_after.isoformat(),
+                        "first_seen": c.first_seen.isoformat() if c.first_seen else None,
+                        "sha256": c.sha256,
+                        "path": str(c.path),
+                    }
+                )
+            )
+        return EXIT_OK
+    own = certs.own_certificate(data_dir)
+    if own is not None:
+        print(f"server certificate: {own.application_uri}, SHA-256 {own.sha256}")
+        print(f"  valid until {own.not_after:%Y-%m-%d}, in {own.path}")
+    rows = [
+        [
+            c.state,
+            c.id,
+            c.common_name or c.subject,
+            c.application_uri or "-",
+            c.time_problem() or f"until {c.not_after:%Y-%m-%d}",
+            _when(c.first_seen),
+        ]
+        for c in found
+    ]
+    pki = certs.pki_dir(data_dir)
+    if not rows:
+        print(f"no client certificates in {pki / 'trusted'} or {pki / 'rejected'}")
+        return EXIT_OK
+    header = ["STATE", "ID", "SUBJECT", "APPLICATION URI", "VALID", "FIRST SEEN (UTC)"]
+    print(format_table(rows, header))
+    if any(c.state == "rejected" for c in found):
+        print(f"\ntrust one with: retrofit-gw certs trust {args.config} ID")
+    return EXIT_OK
+
+
+def _certs_move(
+    args: argparse.Namespace, move: Callable[[Path, str], certs.CertificateInfo]
+) -> int:
+    data_dir = _data_dir(args)
+    if data_dir is None:
+        return EXIT_CONFIG
+    try:
+        info = move(data_dir, args.id)
+    except certs.UnknownCertificate as exc:
+        print(f"retrofit-gw certs {args.action}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(f"{info.state}: {info.id} {info.common_name or info.subject} ({info.application_uri})")
+    if info.state == "trusted":
+        print("a running gateway accepts it at the client's next connection attempt")
+    else:
+        print("a running gateway closes its sessions within seconds and refuses new ones")
+    return EXIT_OK
+
+
+def cmd_certs_trust(args: argparse.Namespace) -> int:
+    return _certs_move(args, certs.trust)
+
+
+def cmd_certs_reject(args: argparse.Namespace) -> int:
+    return _certs_move(args, certs.reject)
+
+
 def _add_link_options(s: argparse.ArgumentParser) -> None:
     """--host or --serial, and how to talk there; defaults as in a device's config."""
     where = s.add_mutually_exclusive_group(required=True)
@@ -505,6 +629,38 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="no request limit")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s.set_defaults(func=cmd_scan)
+
+    s = sub.add_parser(
+        "passwd",
+        help="hash a password for a config's password_hash:",
+        description="Read a password (twice, without echo; or one line from stdin with "
+        "--stdin) and print its scrypt hash, to paste into the config. The config holds the "
+        "hash, never the password.",
+    )
+    s.add_argument("--stdin", action="store_true", help="read one line from stdin, no prompt")
+    s.set_defaults(func=cmd_passwd)
+
+    s = sub.add_parser(
+        "certs",
+        help="list, trust or reject OPC UA client certificates",
+        description="OPC UA client certificates in <data_dir>/pki/trusted/ and "
+        "<data_dir>/pki/rejected/. A refused client's certificate lands in rejected/; trusting "
+        "it takes effect at its next connection, without a restart.",
+    )
+    certs_sub = s.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, func, about in (
+        ("list", cmd_certs_list, "trusted and rejected certificates"),
+        ("trust", cmd_certs_trust, "move a rejected certificate to trusted/"),
+        ("reject", cmd_certs_reject, "move a trusted certificate to rejected/"),
+    ):
+        c = certs_sub.add_parser(action, help=about, description=about)
+        c.add_argument("config", help="the gateway's config (it names the data directory)")
+        if action == "list":
+            c.add_argument("--json", action="store_true", help="one JSON object per certificate")
+        else:
+            c.add_argument("id", help="the certificate's id, as `certs list` shows it")
+        c.add_argument("--data-dir", help="this data directory instead of the config's")
+        c.set_defaults(func=func)
     return p
 
 

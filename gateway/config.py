@@ -38,6 +38,7 @@ from drivers.modbus.config import (
     check_device,
     check_serial_buses,
 )
+from gateway.auth import PasswordHashError, parse_hash
 from gateway.errors import ConfigError, ConfigIssue
 
 __all__ = [
@@ -49,6 +50,7 @@ __all__ = [
     "LoadedConfig",
     "MqttSection",
     "OpcUaSection",
+    "OpcUaUser",
     "SparkplugSection",
     "TlsSection",
     "WebSection",
@@ -289,6 +291,28 @@ class SparkplugSection(BrokerSection):
     buffer: BufferSection = BufferSection()
 
 
+#: OPC UA endpoints: the SecurityPolicy URI's name, then the MessageSecurityMode.
+OpcUaSecurity = Literal[
+    "Basic256Sha256_Sign",
+    "Basic256Sha256_SignAndEncrypt",
+    "Aes128_Sha256_RsaOaep_Sign",
+    "Aes128_Sha256_RsaOaep_SignAndEncrypt",
+    "Aes256_Sha256_RsaPss_Sign",
+    "Aes256_Sha256_RsaPss_SignAndEncrypt",
+]
+
+
+class OpcUaUser(_Section):
+    """One OPC UA login. reader: browse, read, subscribe; operator: also write (where a tag
+    allows it)."""
+
+    name: str = Field(min_length=1, description="The username a client logs in with.")
+    password_hash: str = Field(
+        min_length=1, description="scrypt hash from `retrofit-gw passwd`, never the password."
+    )
+    role: Literal["reader", "operator"] = "reader"
+
+
 class OpcUaSection(_Section):
     """Serve every tag as an OPC UA variable. Absent: no OPC UA server."""
 
@@ -303,12 +327,31 @@ class OpcUaSection(_Section):
     application_uri: str | None = Field(
         default=None, description="Default: urn:retrofit-gateway:<hostname>:<gateway name>."
     )
-    security: list[Literal["Basic256Sha256_Sign", "Basic256Sha256_SignAndEncrypt"]] = Field(
-        default=["Basic256Sha256_Sign", "Basic256Sha256_SignAndEncrypt"], min_length=1
+    security: list[OpcUaSecurity] = Field(
+        default=list(get_args(OpcUaSecurity)),
+        min_length=1,
+        description="Endpoints offered: <policy>_<mode>; default all six.",
     )
     allow_none: bool = Field(
         default=False, description="Also offer the unencrypted None endpoint (demo only)."
     )
+    trust: Literal["list", "any"] = Field(
+        default="list",
+        description="list: only client certificates in <data_dir>/pki/trusted/ connect (refused "
+        "ones land in pki/rejected/, see `retrofit-gw certs`); any: every client certificate "
+        "(a warning is logged at every start).",
+    )
+    users: list[OpcUaUser] = Field(
+        default=[], description="Username/password logins; hashes from `retrofit-gw passwd`."
+    )
+    anonymous: bool | None = Field(
+        default=None,
+        description="Anonymous login. Default: on when no users are configured, else off.",
+    )
+
+    @property
+    def anonymous_allowed(self) -> bool:
+        return self.anonymous if self.anonymous is not None else not self.users
 
 
 class WebSection(_Section):
@@ -1140,6 +1183,37 @@ def _sparkplug_id_problem(field: str, value: str) -> str | None:
     return None
 
 
+def _opcua_logins(opcua: OpcUaSection, loader: _Loader) -> list[ConfigIssue]:
+    issues: list[ConfigIssue] = []
+    names: dict[str, int] = {}
+    for i, user in enumerate(opcua.users):
+        here: Loc = ("opcua", "users", i)
+        try:
+            parse_hash(user.password_hash)
+        except PasswordHashError as exc:
+            # The message never repeats the value: it may be a password pasted by mistake.
+            issues.append(_at(loader, (*here, "password_hash"), (*here, "password_hash"), str(exc)))
+        if user.name in names:
+            first = loader.describe(
+                ("opcua", "users", names[user.name], "name"), loader.locate((*here, "name"))[0]
+            )
+            message = f"user '{user.name}' is already defined (first at {first})"
+            issues.append(_at(loader, (*here, "name"), (*here, "name"), message))
+        else:
+            names[user.name] = i
+    if opcua.anonymous is False and not opcua.users:
+        issues.append(
+            _at(
+                loader,
+                ("opcua", "anonymous"),
+                ("opcua", "anonymous"),
+                "anonymous: false and no users: nobody could log in; add users (hashes from "
+                "`retrofit-gw passwd`) or set anonymous: true",
+            )
+        )
+    return issues
+
+
 def _cross_check(config: GatewayConfig, loader: _Loader, csv_failed: set[int]) -> list[ConfigIssue]:
     issues: list[ConfigIssue] = []
 
@@ -1183,6 +1257,8 @@ def _cross_check(config: GatewayConfig, loader: _Loader, csv_failed: set[int]) -
                     f"client_id '{uns_id}' is the mqtt: section's too, on the same broker: "
                     "each connection would end the other's; give sparkplug: its own",
                 )
+    if config.opcua is not None:
+        issues.extend(_opcua_logins(config.opcua, loader))
     servers: dict[tuple[str, int], Loc] = {}
     for section in ("opcua", "web"):
         sec = getattr(config, section)

@@ -36,6 +36,6 @@ echo "== ruff"
 echo "== mypy (strict on gateway/ and drivers/)"
 .venv/bin/mypy
 echo "== example configs validate"
-.venv/bin/retrofit-gw check config/demo.yaml
+.venv/bin/retrofit-gw check config/demo.yaml config/production.example.yaml
 echo "== pytest"
 .venv/bin/python -m pytest "$@"

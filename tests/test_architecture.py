@@ -19,6 +19,8 @@ FACADES = {
     "pymodbus": {"drivers/modbus/transport.py"},
     "paho": {"gateway/sinks/mqtt.py"},
     "asyncua": {"gateway/sinks/opcua.py"},
+    # X.509 (our certificate, the trust folders) for the OPC UA sink, the CLI and the page.
+    "cryptography": {"gateway/certs.py"},
     "fastapi": {"gateway/sinks/web.py"},
     "uvicorn": {"gateway/sinks/web.py"},
     "starlette": {"gateway/sinks/web.py"},

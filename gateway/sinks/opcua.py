@@ -62,16 +62,24 @@ Engineering units follow UNECE Recommendation 20 (see ``UNITS``) with
 text gets ``UnitId = -1``, our namespace URI, and the text as DisplayName.
 
 Security: the certificate and key are made on first start (RSA 2048, SHA-256, self-signed,
-ApplicationUri, host name, ``localhost``, 127.0.0.1 and the bound IP in the SAN) in
-``<data_dir>/pki/own`` and reused while valid. Endpoints: Basic256Sha256 Sign and/or
-SignAndEncrypt as configured, and None only with ``allow_none``. Anonymous login; any client
-certificate is accepted for now: pass a ``certificate_validator`` (asyncua's hook, e.g. its
-``CertificateValidator`` on a ``TrustStore``) to enforce a trust list.
+ApplicationUri, host names, loopback and the bound or the host's IPs in the SAN; see
+``gateway.certs``) in ``<data_dir>/pki/own`` and reused while valid. Endpoints: the configured
+``security`` list (Basic256Sha256, Aes128_Sha256_RsaOaep, Aes256_Sha256_RsaPss, each Sign
+and/or SignAndEncrypt), and None only with ``allow_none``.
+
+``_Gatekeeper`` (a UserManager, consulted at every ActivateSession, reconnects included)
+decides who gets a session, from the certificate of the secure channel and the identity
+token. With ``trust: list`` a client certificate must be in ``<data_dir>/pki/trusted/``, read
+again at each activation so that ``retrofit-gw certs trust`` needs no restart; a refused one
+is written to ``pki/rejected/``. Sessions whose certificate leaves trusted/ are disconnected at
+the next status refresh. Logins: anonymous when allowed, and the configured users
+(``gateway.auth`` hashes); ``SessionUser.access`` records reader or operator for the write
+path.
 
 asyncua 2.1 accepts a session on a SecurityPolicy#None channel even when no None endpoint is
-offered (its channel starts as None and ``select_policy`` keeps it). ``_ChannelGuard``
-(a UserManager, consulted at every ActivateSession) refuses sessions without a client
-certificate unless ``allow_none``; discovery over None (GetEndpoints) still works, as it must.
+offered (its channel starts as None and ``select_policy`` keeps it). The gatekeeper refuses
+sessions without a client certificate unless ``allow_none``; discovery over None
+(GetEndpoints) still works, as it must.
 
 Fast path and the asyncua internals it uses (asyncua is pinned to 2.1.x):
 
@@ -95,10 +103,14 @@ Fast path and the asyncua internals it uses (asyncua is pinned to 2.1.x):
   idle executor thread outlives it.
 - Active sessions are counted from ``InternalServer._external_sessions``, which holds the
   sessions of connected clients (and, for a while, of disconnected ones with subscriptions).
+- Connections whose certificate is no longer trusted are found through
+  ``BinaryServer.clients`` and each one's ``UaProcessor`` (its session and the channel's
+  ``security_policy.peer_certificate``).
 
 Health, in ``runtime.health["opcua"]``: ``endpoint``, ``sessions`` (activated, refreshed
 with the device diagnostics), ``updates`` (values written), ``started_in_s`` (``start()``),
-``first_value_s`` (from ``start()`` to the first Good value served) and ``variables``.
+``first_value_s`` (from ``start()`` to the first Good value served), ``variables``,
+``refused`` (sessions and logins refused) and ``certificates_pending`` (in pki/rejected/).
 """
 
 from __future__ import annotations
@@ -106,32 +118,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import ipaddress
+import hmac
 import logging
-import os
+import secrets
 import socket
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 from asyncua import Server, ua
 from asyncua.crypto.permission_rules import User, UserRole
 from asyncua.crypto.validator import CertificateValidatorMethod
 from asyncua.server.address_space import AddressSpace, AttributeValue, NodeData
+from asyncua.server.binary_server_asyncio import OPCUAProtocol
 from asyncua.server.internal_server import InternalServer
 from asyncua.server.monitored_item_service import MonitoredItemService
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 import gateway
+from gateway import auth
 from gateway.bus import STALE_INTERVALS, Subscription
-from gateway.config import OpcUaSection
+from gateway.certs import TrustList, describe, load_or_create_certificate, sha256_of
+from gateway.config import OpcUaSection, OpcUaUser
 from gateway.model import Quality, Reading, Reason, TagKey, TagSpec
 from gateway.sinks.base import RuntimeView
 from gateway.status import DeviceState, DeviceStatus
@@ -140,9 +151,9 @@ __all__ = [
     "UNITS",
     "UNITS_NAMESPACE",
     "OpcUaSink",
+    "SessionUser",
     "count_sessions",
     "eu_information",
-    "load_or_create_certificate",
     "status_code",
     "unit_id",
     "variant_type",
@@ -152,8 +163,6 @@ log = logging.getLogger("gateway.sinks.opcua")
 
 #: How often device diagnostics and staleness are refreshed without a status change.
 STATUS_REFRESH_S: Final = 2.0
-#: Validity of a generated server certificate. It is renewed at start once expired.
-CERT_VALIDITY: Final = timedelta(days=5 * 365)
 UNITS_NAMESPACE: Final = "http://www.opcfoundation.org/UA/units/un/cefact"
 
 _SC = ua.StatusCodes
@@ -680,18 +689,130 @@ def _attr_value(node: NodeData, attr: ua.AttributeIds) -> Any:
 # --- the sink -------------------------------------------------------------------------------------
 
 
-class _ChannelGuard:
-    """An asyncua UserManager: refuses sessions on an unsecured channel unless allow_none.
+@dataclass
+class SessionUser(User):  # type: ignore[misc]  # asyncua is Any to mypy
+    """Who an activated session belongs to (``InternalSession.user``).
 
-    ``certificate`` is the client's certificate from the secure channel; on a None channel it
-    is empty (asyncua passes ``b""``), on a Sign or SignAndEncrypt one it cannot be. A future
-    trust list can refuse unknown certificates here too.
+    ``role`` is asyncua's: ``UserRole.User`` for everyone, which lets a session browse, read
+    and subscribe. ``access`` is ours, for the write path to check: anonymous sessions are
+    readers. ``name`` is the username (None when anonymous); ``certificate_id`` the client
+    application's certificate id (None on a None channel).
     """
 
-    def __init__(self, allow_none: bool) -> None:
+    access: Literal["reader", "operator"] = "reader"
+    certificate_id: str | None = None
+
+
+class _OncePer:
+    """One log line per key and minute, however often a client retries."""
+
+    def __init__(self, period_s: float = 60.0) -> None:
+        self.period_s = period_s
+        self._last: dict[str, float] = {}
+
+    def __call__(self, key: str) -> bool:
+        now = time.monotonic()
+        if now - self._last.get(key, -self.period_s) < self.period_s:
+            return False
+        if len(self._last) > 1000:  # keys include client-chosen usernames
+            self._last.clear()
+        self._last[key] = now
+        return True
+
+
+class _Accounts:
+    """The configured users and their password checks, cheap enough for the event loop.
+
+    asyncua asks for the user synchronously, inside ActivateSession, so a check blocks the
+    loop for one scrypt run (50 ms here, a few hundred on a Pi). Two things bound that: a
+    password that verified once is remembered (as an HMAC under a key that lives only in this
+    process), so a client reconnecting costs nothing; and after a failed check the next
+    unremembered one within ``FAILURE_PAUSE_S`` is refused without hashing, so guessing costs
+    the loop at most one scrypt run per pause. An unknown username is checked against a decoy
+    hash, so that the time taken does not tell which usernames exist.
+    """
+
+    FAILURE_PAUSE_S: Final = 1.0
+
+    def __init__(self, users: Sequence[OpcUaUser]) -> None:
+        self._users = {u.name: (str(auth.parse_hash(u.password_hash)), u.role) for u in users}
+        self._decoy = str(
+            auth.PasswordHash(
+                auth.N, auth.R, auth.P, secrets.token_bytes(16), secrets.token_bytes(32)
+            )
+        )
+        self._key = secrets.token_bytes(32)
+        self._verified: dict[str, bytes] = {}
+        self._paused_until = 0.0
+        self._once = _OncePer()
+        self.failed = 0
+
+    def check(self, name: str, password: str, client: str) -> Literal["reader", "operator"] | None:
+        user = self._users.get(name)
+        tag = hmac.digest(self._key, password.encode("utf-8", "surrogatepass"), "sha256")
+        if user is not None and hmac.compare_digest(self._verified.get(name, b""), tag):
+            return user[1]
+        if time.monotonic() < self._paused_until:
+            self.failed += 1
+            if self._once("paused"):
+                log.warning(
+                    "OPC UA: refused a login as %r from %s unchecked: another login failed "
+                    "less than %g s ago (%d failed logins so far)",
+                    name,
+                    client,
+                    self.FAILURE_PAUSE_S,
+                    self.failed,
+                )
+            return None
+        ok = auth.verify_password(password, user[0] if user is not None else self._decoy)
+        if ok and user is not None:
+            self._verified[name] = tag
+            return user[1]
+        self._paused_until = time.monotonic() + self.FAILURE_PAUSE_S
+        self.failed += 1
+        if self._once(f"failed:{name}"):
+            why = "wrong password" if user is not None else "no such user"
+            log.warning(
+                "OPC UA: refused a login as %r from %s: %s (%d failed logins so far)",
+                name,
+                client,
+                why,
+                self.failed,
+            )
+        return None
+
+
+class _Gatekeeper:
+    """An asyncua UserManager, consulted at every ActivateSession: channel, certificate, login.
+
+    ``certificate`` is the client's certificate from the secure channel; on a None channel it
+    is empty (asyncua passes ``b""``), on a Sign or SignAndEncrypt one it cannot be. It is
+    checked here rather than in asyncua's ``certificate_validator`` hook, because that hook
+    sees the certificate the client *names* in CreateSession, which need not be the one its
+    channel was opened with (the one it proved it holds the key of), and it cannot tell a
+    None channel, where a certificate proves nothing, from a secure one.
+
+    In order: a None channel is refused unless ``allow_none``; an untrusted certificate is
+    refused with BadCertificateUntrusted and kept in rejected/ (``trust`` is None for
+    ``trust: any``); an expired one with BadCertificateTimeInvalid; then the identity token:
+    anonymous when allowed, else a configured user with the right password
+    (BadUserAccessDenied otherwise). asyncua itself refuses token types not offered
+    (BadIdentityTokenRejected): anonymous when it is off.
+    """
+
+    def __init__(
+        self,
+        allow_none: bool,
+        trust: TrustList | None,
+        accounts: _Accounts,
+        anonymous: bool,
+    ) -> None:
         self.allow_none = allow_none
+        self.trust = trust
+        self.accounts = accounts
+        self.anonymous = anonymous
         self.refused = 0
-        self._logged_at = -60.0
+        self._once = _OncePer()
 
     def get_user(
         self,
@@ -700,23 +821,73 @@ class _ChannelGuard:
         password: str | None = None,
         certificate: Any = None,
     ) -> User | None:
-        if not certificate and not self.allow_none:
+        if not certificate:
+            if not self.allow_none:
+                self.refused += 1
+                if self._once("unsecured"):
+                    log.warning(
+                        "OPC UA: refused a session on an unsecured channel (allow_none is off; "
+                        "%d refused so far)",
+                        self.refused,
+                    )
+                return None
+            cert_id, client = None, "a client without a certificate"
+        else:
+            cert_id, client = self._check_certificate(bytes(certificate))
+        if username is None:
+            if not self.anonymous:
+                self.refused += 1
+                return None
+            return SessionUser(role=UserRole.User, certificate_id=cert_id)
+        access = self.accounts.check(username, password or "", client)
+        if access is None:
             self.refused += 1
-            now = time.monotonic()
-            if now - self._logged_at >= 60.0:  # a client retrying every second: one line a minute
-                self._logged_at = now
-                log.warning(
-                    "OPC UA: refused a session on an unsecured channel (allow_none is off; "
-                    "%d refused so far)",
-                    self.refused,
-                )
             return None
-        return User(role=UserRole.User)
+        return SessionUser(role=UserRole.User, name=username, access=access, certificate_id=cert_id)
+
+    def _check_certificate(self, der: bytes) -> tuple[str, str]:
+        """(id, a description for the log) of a certificate that may connect; else raises."""
+        try:
+            info = describe(der)
+        except ValueError:
+            self.refused += 1
+            raise ua.uaerrors.BadCertificateInvalid from None
+        client = f"certificate {info.id} ({info.common_name or info.subject})"
+        if self.trust is not None and not self.trust.is_trusted(der):
+            self.refused += 1
+            try:
+                kept, new = self.trust.refuse(der)
+            except OSError as exc:
+                kept, new = info, False
+                log.error("OPC UA: cannot keep refused %s in rejected/: %s", client, exc)  # noqa: TRY400
+            if new or self._once(f"untrusted:{info.id}"):
+                log.warning(
+                    "OPC UA: refused client %s, application %s: not trusted; it is in %s. "
+                    "If it is yours: retrofit-gw certs trust CONFIG %s",
+                    client,
+                    info.application_uri or "(none named)",
+                    kept.path or self.trust.rejected_dir,
+                    info.id,
+                )
+            raise ua.uaerrors.BadCertificateUntrusted
+        if problem := info.time_problem():
+            self.refused += 1
+            if self._once(f"time:{info.id}"):
+                log.warning("OPC UA: refused client %s: %s", client, problem)
+            raise ua.uaerrors.BadCertificateTimeInvalid
+        return info.id, client
 
 
+#: Config name -> asyncua's endpoint type. The names are the SecurityPolicy URIs' own.
 _POLICIES: Final[Mapping[str, ua.SecurityPolicyType]] = {
     "Basic256Sha256_Sign": ua.SecurityPolicyType.Basic256Sha256_Sign,
     "Basic256Sha256_SignAndEncrypt": ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt,
+    "Aes128_Sha256_RsaOaep_Sign": ua.SecurityPolicyType.Aes128Sha256RsaOaep_Sign,
+    "Aes128_Sha256_RsaOaep_SignAndEncrypt": (
+        ua.SecurityPolicyType.Aes128Sha256RsaOaep_SignAndEncrypt
+    ),
+    "Aes256_Sha256_RsaPss_Sign": ua.SecurityPolicyType.Aes256Sha256RsaPss_Sign,
+    "Aes256_Sha256_RsaPss_SignAndEncrypt": ua.SecurityPolicyType.Aes256Sha256RsaPss_SignAndEncrypt,
 }
 
 
@@ -744,6 +915,11 @@ class OpcUaSink:
         self.pki_dir = runtime.data_dir / "pki" / "own"
         self.cert_path = self.pki_dir / "server_cert.der"
         self.key_path = self.pki_dir / "server_key.pem"
+        self.trust = TrustList(runtime.data_dir) if section.trust == "list" else None
+        # Parsed here: a malformed hash fails the start, it never waits for the first login.
+        self._gate = _Gatekeeper(
+            section.allow_none, self.trust, _Accounts(section.users), section.anonymous_allowed
+        )
         self.namespace_index = 0
         self._server: Server | None = None
         self._vars: dict[TagKey, _Var] = {}
@@ -759,6 +935,8 @@ class OpcUaSink:
             "started_in_s": None,
             "first_value_s": None,
             "variables": 0,
+            "refused": 0,
+            "certificates_pending": 0,
         }
         runtime.health[self.name] = self.health
 
@@ -806,9 +984,16 @@ class OpcUaSink:
             if self._section.allow_none:
                 policies.append(ua.SecurityPolicyType.NoSecurity)
             server.set_security_policy(policies)
-            server.set_identity_tokens([ua.AnonymousIdentityToken])
-            server.iserver.set_user_manager(_ChannelGuard(self._section.allow_none))
+            tokens: list[type] = []
+            if self._gate.anonymous:
+                tokens.append(ua.AnonymousIdentityToken)
+            if self._section.users:
+                tokens.append(ua.UserNameIdentityToken)
+            server.set_identity_tokens(tokens)
+            server.iserver.set_user_manager(self._gate)
             server.allow_remote_admin(False)
+            if self.trust is not None:
+                await loop.run_in_executor(pool, self.trust.make_folders)
             if self._validator is not None:
                 server.set_certificate_validator(self._validator)
             self.namespace_index = await server.register_namespace(self.namespace_uri)
@@ -848,8 +1033,31 @@ class OpcUaSink:
             self.namespace_index,
             self.application_uri,
         )
-        if self._section.allow_none:
+        self._log_security()
+
+    def _log_security(self) -> None:
+        section = self._section
+        if section.allow_none:
             log.warning("OPC UA: the unencrypted None endpoint is enabled (allow_none)")
+        if self.trust is None:
+            log.warning(
+                "OPC UA: trust: any: every client certificate is accepted, the trust list in "
+                "%s is not consulted",
+                self._rt.data_dir / "pki" / "trusted",
+            )
+        else:
+            log.info(
+                "OPC UA: client certificates must be in %s; refused ones are kept in %s",
+                self.trust.trusted_dir,
+                self.trust.rejected_dir,
+            )
+        logins = [f"user {u.name!r} ({u.role})" for u in section.users]
+        if self._gate.anonymous:
+            logins.insert(0, "anonymous")
+        if logins:
+            log.info("OPC UA logins: %s", ", ".join(logins))
+        else:
+            log.error("OPC UA: anonymous is off and no users are configured: nobody can log in")
 
     async def run(self, sub: Subscription) -> None:
         status = asyncio.create_task(self._status_loop(), name="opcua[status]")
@@ -1115,6 +1323,40 @@ class OpcUaSink:
                 await self._show_status(dev, status, now)
         await self._mark_stale(time.time())
         self.health["sessions"] = count_sessions(server.iserver)
+        self.health["refused"] = self._gate.refused
+        if self.trust is not None:
+            self._drop_untrusted(server, self.trust)
+            self.health["certificates_pending"] = self.trust.pending()
+
+    def _drop_untrusted(self, server: Server, trust: TrustList) -> None:
+        """Close the connections of activated sessions whose certificate is trusted no more.
+
+        ``certs reject`` takes effect here, within STATUS_REFRESH_S. Connections still being
+        set up are left alone: their ActivateSession checks the certificate anyway, and
+        closing one would cost its client the clear BadCertificateUntrusted.
+        """
+        bserver = server.bserver
+        if bserver is None:
+            return
+        trusted: set[str] | None = None
+        client: OPCUAProtocol
+        for client in list(bserver.clients):
+            processor, transport = client.processor, client.transport
+            if processor is None or transport is None or transport.is_closing():
+                continue
+            session = processor.session
+            peer = processor._connection.security_policy.peer_certificate
+            if not peer or session is None or not session.is_activated():
+                continue
+            if trusted is None:
+                trusted = trust.trusted()
+            if sha256_of(bytes(peer)) not in trusted:
+                log.warning(
+                    "OPC UA: closing the connection of %s: its certificate %s is no longer trusted",
+                    client.peer_name,
+                    sha256_of(bytes(peer))[:16],
+                )
+                transport.close()
 
     async def _show_status(self, dev: _DeviceVars, status: DeviceStatus, now: datetime) -> None:
         shown = (
@@ -1206,141 +1448,3 @@ async def _join_cancelled(task: asyncio.Task[None]) -> None:
 
 def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
-
-
-# --- certificate ----------------------------------------------------------------------------------
-
-
-def load_or_create_certificate(
-    own: Path, application_uri: str, host: str, gateway_name: str
-) -> tuple[x509.Certificate, rsa.RSAPrivateKey]:
-    """The server's certificate and key from ``own``, made there first if missing or unusable.
-
-    Regenerated when missing, unreadable, expired, not matching its key, or not naming the
-    ApplicationUri (clients reject it then anyway). Blocking: run it in a thread.
-    """
-    cert_path = own / "server_cert.der"
-    key_path = own / "server_key.pem"
-    problem = "missing"
-    if cert_path.exists() and key_path.exists():
-        try:
-            cert = x509.load_der_x509_certificate(cert_path.read_bytes())
-            key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-        except (OSError, ValueError) as exc:
-            problem = f"unreadable ({exc})"
-        else:
-            problem = _certificate_problem(cert, key, application_uri)
-            if not problem:
-                assert isinstance(key, rsa.RSAPrivateKey)
-                return cert, key
-    if problem != "missing":
-        log.warning("OPC UA server certificate in %s is %s: making a new one", own, problem)
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    cert = _self_signed(key, application_uri, host, gateway_name)
-    own.mkdir(parents=True, exist_ok=True)
-    _write(
-        key_path,
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        ),
-        0o600,
-    )
-    _write(cert_path, cert.public_bytes(serialization.Encoding.DER), 0o644)
-    log.info(
-        "OPC UA: made a server certificate for %s in %s (SHA-256 %s)",
-        application_uri,
-        cert_path,
-        cert.fingerprint(hashes.SHA256()).hex(),
-    )
-    return cert, key
-
-
-def _certificate_problem(cert: x509.Certificate, key: object, application_uri: str) -> str:
-    if not isinstance(key, rsa.RSAPrivateKey):
-        return "not for an RSA key"
-    if cert.public_key() != key.public_key():
-        return "not for the key beside it"
-    now = datetime.now(UTC)
-    if not cert.not_valid_before_utc <= now < cert.not_valid_after_utc:
-        return f"not valid now (valid until {cert.not_valid_after_utc:%Y-%m-%d})"
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return "without a subject alternative name"
-    if application_uri not in san.get_values_for_type(x509.UniformResourceIdentifier):
-        return f"not for {application_uri}"
-    return ""
-
-
-def _self_signed(
-    key: rsa.RSAPrivateKey, application_uri: str, host: str, gateway_name: str
-) -> x509.Certificate:
-    hostname = socket.gethostname()
-    names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(application_uri)]
-    names += [x509.DNSName(n) for n in dict.fromkeys([hostname, "localhost"]) if n]
-    addresses = [ipaddress.ip_address("127.0.0.1")]
-    try:
-        bound = ipaddress.ip_address(host)
-    except ValueError:
-        if host and host not in (hostname, "localhost"):
-            names.append(x509.DNSName(host))
-    else:
-        if not bound.is_unspecified and bound not in addresses:
-            addresses.append(bound)
-    names += [x509.IPAddress(a) for a in addresses]
-    subject = x509.Name(
-        [
-            x509.NameAttribute(NameOID.COMMON_NAME, f"retrofit-gateway {gateway_name}"[:64]),
-            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "retrofit-gateway"),
-        ]
-    )
-    now = datetime.now(UTC)
-    public = key.public_key()
-    return (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(public)
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=5))
-        .not_valid_after(now + CERT_VALIDITY)
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=True,
-                key_encipherment=True,
-                data_encipherment=True,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(
-            x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(public), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-
-
-def _write(path: Path, data: bytes, mode: int) -> None:
-    """Write atomically, with ``mode`` from the first byte (a key is never world-readable)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.write(fd, data)
-        os.fchmod(fd, mode)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)

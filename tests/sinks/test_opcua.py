@@ -540,6 +540,8 @@ async def test_sign_and_encrypt_only_and_none_refused(tmp_path: Path) -> None:
         client = Client(sink.endpoint)
         client.application_uri = "urn:retrofit-gateway:test-client"
         cert, key = client_certificate(client.application_uri)
+        trusted = gw.data_dir / "pki" / "trusted"
+        (trusted / "test-client.der").write_bytes(cert)  # the trust list is on by default
         await client.set_security(
             SecurityPolicyBasic256Sha256,
             cert,
