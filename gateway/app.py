@@ -13,7 +13,7 @@ import gc
 import importlib
 import logging
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -145,6 +145,10 @@ class Gateway:
     async def write(self, key: TagKey, value: object, *, user: str, origin: str) -> WriteResult:
         """Write one tag on its machine, for any sink: validated, read back, audited."""
         return await self.writes.write(key, value, user=user, origin=origin)
+
+    @property
+    def audit_recent(self) -> Sequence[Mapping[str, object]]:
+        return self.writes.audit.recent
 
     @property
     def tags(self) -> list[TagSpec]:

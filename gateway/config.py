@@ -54,6 +54,7 @@ __all__ = [
     "SparkplugSection",
     "TlsSection",
     "WebSection",
+    "WebToken",
     "format_issues",
     "json_schema",
     "load_config",
@@ -354,15 +355,36 @@ class OpcUaSection(_Section):
         return self.anonymous if self.anonymous is not None else not self.users
 
 
+class WebToken(_Section):
+    """A bearer token for an API client (``Authorization: Bearer <token>``)."""
+
+    name: str = Field(min_length=1, description="Who uses it; shown in the log.")
+    token_hash: str = Field(
+        min_length=1,
+        description="scrypt hash of the token from `retrofit-gw passwd`, never the token.",
+    )
+
+
 class WebSection(_Section):
     """The local status page and JSON API. Absent: no web server."""
 
     host: str = Field(
         default="127.0.0.1",
-        description="Address to listen on. Anything but loopback exposes an unauthenticated "
-        "page, and a warning is logged at every start.",
+        description="Address to listen on. Anything but loopback needs password_hash: "
+        "without one the page listens on 127.0.0.1 only, and says so at every start.",
     )
     port: int = Field(default=8080, ge=1, le=65535)
+    password_hash: str | None = Field(
+        default=None,
+        description="scrypt hash from `retrofit-gw passwd`, never the password. Set: every "
+        "page and API but /healthz needs a login, on any host.",
+    )
+    tokens: list[WebToken] = Field(
+        default=[], description="Bearer tokens for API clients (hashes only)."
+    )
+    session_hours: float = Field(
+        default=12, gt=0, le=24 * 90, description="A login lasts this long."
+    )
 
 
 class GatewayConfig(_Section):
@@ -1214,6 +1236,29 @@ def _opcua_logins(opcua: OpcUaSection, loader: _Loader) -> list[ConfigIssue]:
     return issues
 
 
+def _web_logins(web: WebSection, loader: _Loader) -> list[ConfigIssue]:
+    issues: list[ConfigIssue] = []
+    hashes: list[tuple[Loc, str]] = []
+    if web.password_hash is not None:
+        hashes.append((("web", "password_hash"), web.password_hash))
+    names: dict[str, int] = {}
+    for i, token in enumerate(web.tokens):
+        here: Loc = ("web", "tokens", i)
+        hashes.append(((*here, "token_hash"), token.token_hash))
+        if token.name in names:
+            message = f"token '{token.name}' is already defined (tokens[{names[token.name]}])"
+            issues.append(_at(loader, (*here, "name"), (*here, "name"), message))
+        else:
+            names[token.name] = i
+    for loc, hashed in hashes:
+        try:
+            parse_hash(hashed)
+        except PasswordHashError as exc:
+            # The message never repeats the value: it may be a password pasted by mistake.
+            issues.append(_at(loader, loc, loc, str(exc)))
+    return issues
+
+
 def _cross_check(config: GatewayConfig, loader: _Loader, csv_failed: set[int]) -> list[ConfigIssue]:
     issues: list[ConfigIssue] = []
 
@@ -1259,6 +1304,8 @@ def _cross_check(config: GatewayConfig, loader: _Loader, csv_failed: set[int]) -
                 )
     if config.opcua is not None:
         issues.extend(_opcua_logins(config.opcua, loader))
+    if config.web is not None:
+        issues.extend(_web_logins(config.web, loader))
     servers: dict[tuple[str, int], Loc] = {}
     for section in ("opcua", "web"):
         sec = getattr(config, section)

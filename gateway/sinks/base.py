@@ -55,6 +55,11 @@ class RuntimeView(Protocol):
     @property
     def clock(self) -> ClockWatch: ...
 
+    #: The latest write audit entries, oldest first (``gateway.writes.AuditLog.recent``):
+    #: what the status page shows. Read only.
+    @property
+    def audit_recent(self) -> Sequence[Mapping[str, object]]: ...
+
     async def write(self, key: TagKey, value: object, *, user: str, origin: str) -> WriteResult:
         """The only way a sink writes to a machine (gateway.writes): validated, read back,
         audited; raises WriteRefused with a machine-readable code."""

@@ -11,9 +11,14 @@ Endpoints
     ``GET /api/status``    gateway info, uptime, device counts, tag quality counts, sink health
     ``GET /api/devices``   every device status
     ``GET /api/tags``      every tag (``?machine=`` filters; an unknown machine is a 404)
+    ``GET /api/audit``     the latest writes to machines, newest first
+    ``GET /api/certs``     OPC UA client certificates, trusted and rejected (OPC UA only)
+    ``POST /api/certs/{id}/trust``  move a rejected client certificate to trusted
     ``GET /healthz``       200 ``{"status": "ok"}`` or 503, see :meth:`WebSink.health_problem`
     ``GET /metrics``       Prometheus text format, written by hand (no client library)
-    ``/openapi.json``, ``/docs``  FastAPI's schema and its UI (the UI needs internet access)
+    ``GET /openapi.json``  FastAPI's schema. No /docs or /redoc: their UI loads from a CDN,
+                           and this page loads nothing from elsewhere.
+    ``GET|POST /login``, ``POST /logout``  the login form and its session
 
 Signals belong to the gateway. ``uvicorn.Server.serve`` wraps itself in ``capture_signals()``,
 which replaces the SIGINT/SIGTERM handlers (and re-raises caught signals on exit); our
@@ -21,39 +26,86 @@ which replaces the SIGINT/SIGTERM handlers (and re-raises caught signals on exit
 ourselves and hand them to uvicorn: its own bind failure path calls ``sys.exit()``, which
 inside a task would tear down the whole event loop instead of failing this sink's start.
 
-The page has no authentication yet: binding anything but loopback logs a warning at start.
+Who may do what is decided in ``web_auth`` (see its docstring) and enforced by ``_Guard``,
+the outermost ASGI layer, for every path: deny by default, with only ``/healthz``, ``/login``
+and the static CSS/JS public. Unauthenticated, the page redirects to ``login`` and the API
+answers 401. Every request but GET and HEAD must also come from this site (``Origin`` and
+``Sec-Fetch-Site``) and, from a browser session, carry the session's CSRF token (form field
+``csrf`` or header ``X-CSRF-Token``); bearer-token clients send no cookie, so they need none.
+The login form has its own token in a short-lived cookie (double submit). Every response
+carries the security headers of ``_SECURITY_HEADERS`` and, unless it says otherwise (the
+static files), ``Cache-Control: no-store``.
+
+The server speaks plain HTTP. The session cookie is HttpOnly and SameSite=Strict; it is
+``Secure`` only when the request arrived over HTTPS as uvicorn sees it, i.e. through a TLS
+reverse proxy on this box (connections from 127.0.0.1 may set ``X-Forwarded-For`` and
+``X-Forwarded-Proto``, which also gives the login throttle the real client address). Such a
+proxy must pass the ``Host`` header through, or the Origin check refuses its POSTs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import html
 import ipaddress
 import json
 import logging
 import math
+import secrets
 import socket
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
+from urllib.parse import parse_qsl, urlsplit
 
 import uvicorn
-from fastapi import FastAPI, HTTPException, Query
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.responses import (
+    HTMLResponse,
+    JSONResponse,
+    PlainTextResponse,
+    RedirectResponse,
+    Response,
+)
 from pydantic import BaseModel, Field
 from starlette.responses import StreamingResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway import __version__
+from gateway.auth import PasswordHashError
 from gateway.bus import STALE_INTERVALS, Subscription
 from gateway.config import WebSection
 from gateway.errors import GatewayError
 from gateway.model import Quality, Reading, Reason, TagKey, TagSpec
 from gateway.sinks.base import RuntimeView
+from gateway.sinks.web_auth import (
+    Credentials,
+    LoginThrottle,
+    Principal,
+    Session,
+    Sessions,
+    bind_host,
+    is_loopback,
+)
 from gateway.status import DeviceState, DeviceStatus
+
+if TYPE_CHECKING:
+    from gateway.certs import CertificateInfo
 
 __all__ = ["WebSink"]
 
@@ -69,8 +121,19 @@ MAX_STREAMS = 32
 COLLAPSE_ABOVE_TAGS = 400
 #: Bounded shutdown: SSE streams end at once, plain requests are short.
 SHUTDOWN_S = 5.0
+#: Request bodies: only small forms and empty POSTs are expected.
+MAX_BODY_BYTES = 16 * 1024
+#: A client that sends its body this slowly is dropped.
+BODY_TIMEOUT_S = 10.0
+#: Write audit entries on the page (the API gives all that are kept).
+WRITES_SHOWN = 20
+#: Certificates listed per state on the page (the CLI lists all).
+CERTS_SHOWN = 20
+#: The login form's own CSRF cookie lives this long: long enough to type a password.
+LOGIN_FORM_S = 3600
 
 _STATIC = Path(__file__).with_name("web_static")
+_T = TypeVar("_T")
 _QUALITY_NAMES = ("good", "uncertain", "bad")
 
 
@@ -161,6 +224,34 @@ class TagOut(BaseModel):
 class HealthOut(BaseModel):
     status: Literal["ok", "unavailable"]
     problem: str | None = None
+
+
+class CertOut(BaseModel):
+    id: str = Field(description="The first 16 hex digits of the SHA-256 thumbprint.")
+    sha256: str
+    state: Literal["trusted", "rejected", "presented"]
+    subject: str
+    common_name: str
+    application_uri: str
+    not_before: datetime
+    not_after: datetime
+    first_seen: datetime | None = Field(description="When the gateway first saw it.")
+    problem: str = Field(description="Empty while valid, else why not (expired ...).")
+
+
+def _cert_out(c: CertificateInfo) -> CertOut:
+    return CertOut(
+        id=c.id,
+        sha256=c.sha256,
+        state=c.state,
+        subject=c.subject,
+        common_name=c.common_name,
+        application_uri=c.application_uri,
+        not_before=c.not_before,
+        not_after=c.not_after,
+        first_seen=c.first_seen,
+        problem=c.time_problem(),
+    )
 
 
 # --- formatting shared by the page and the stream ---------------------------------------------
@@ -471,7 +562,7 @@ class _Hub:
         self._ring.append((self.seq, _event_bytes(_with_rows(msg, parts), self.seq)))
         self._wake()
 
-    async def stream(self) -> AsyncIterator[bytes]:
+    async def stream(self) -> AsyncGenerator[bytes, None]:
         """The body of one /api/stream response (an async generator)."""
         self.streams += 1
         try:
@@ -522,13 +613,198 @@ class _Server(uvicorn.Server):
         yield
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
+_is_loopback = is_loopback
+
+
+# --- the guard: login, CSRF and security headers in front of every path ----------------------
+
+_CSP: Final = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+    "img-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
+_SECURITY_HEADERS: Final = (
+    (b"content-security-policy", _CSP.encode()),
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"cross-origin-opener-policy", b"same-origin"),
+    (b"cross-origin-resource-policy", b"same-origin"),
+)
+_SAFE_METHODS: Final = frozenset({"GET", "HEAD"})
+_PUBLIC_PATHS: Final = frozenset({"/healthz", "/login", "/favicon.ico"})
+_PRINCIPAL_KEY: Final = "retrofit_gw.principal"
+_FORM_KEY: Final = "retrofit_gw.form"
+_CHANGES_NEED_LOGIN: Final = (
+    "changes need a login and no password is set: make a hash with `retrofit-gw passwd`, "
+    "put it in the config as web.password_hash and restart (or use a web.tokens bearer token)"
+)
+
+
+def _secured(send: Send) -> Send:
+    async def send_secured(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            headers = list(message.get("headers", []))
+            present = {name.lower() for name, _ in headers}
+            headers += [h for h in _SECURITY_HEADERS if h[0] not in present]
+            if b"cache-control" not in present:
+                headers.append((b"cache-control", b"no-store"))
+            message = {**message, "headers": headers}
+        await send(message)
+
+    return send_secured
+
+
+def _principal(request: Request) -> Principal | None:
+    found = request.scope.get(_PRINCIPAL_KEY)
+    return found if isinstance(found, Principal) else None
+
+
+def _form(request: Request) -> dict[str, str]:
+    found = request.scope.get(_FORM_KEY)
+    return found if isinstance(found, dict) else {}
+
+
+def _client(request: Request) -> str:
+    return request.client.host if request.client is not None else "unknown"
+
+
+def _cross_site(request: Request) -> bool:
+    """True for a request another site made the browser send.
+
+    Sec-Fetch-Site decides where the browser sends it (secure contexts, which include
+    127.0.0.1 but not plain HTTP on a LAN address). Otherwise Origin: our own
+    ``Referrer-Policy: no-referrer`` makes browsers send ``Origin: null`` with our own form
+    posts, so null proves nothing either way, like no Origin at all (curl); the CSRF token
+    decides then.
+    """
+    site = request.headers.get("sec-fetch-site")
+    if site is not None:
+        return site not in ("same-origin", "none")
+    origin = request.headers.get("origin")
+    if origin is None or origin == "null":
         return False
+    host = request.headers.get("host", "")
+    return urlsplit(origin).netloc.lower() != host.lower()
+
+
+def _bearer(request: Request) -> str | None:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    return token.strip()
+
+
+def _unauthorized(detail: str) -> JSONResponse:
+    return JSONResponse(
+        {"detail": detail},
+        status_code=401,
+        headers={"WWW-Authenticate": 'Bearer realm="retrofit-gateway"'},
+    )
+
+
+def _too_many(retry_after: int) -> JSONResponse:
+    return JSONResponse(
+        {"detail": f"too many failed logins from this address; retry in {retry_after} s"},
+        status_code=429,
+        headers={"Retry-After": str(retry_after)},
+    )
+
+
+async def _read_body(receive: Receive) -> bytes | None:
+    """The whole request body, or None when it is larger than MAX_BODY_BYTES."""
+    body = bytearray()
+    async with asyncio.timeout(BODY_TIMEOUT_S):
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            body += message.get("body", b"")
+            if len(body) > MAX_BODY_BYTES:
+                return None
+            if not message.get("more_body", False):
+                break
+    return bytes(body)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """``receive`` for the app behind the guard, which already read the body."""
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def replayed() -> Message:
+        if pending:
+            return pending.pop()
+        return await receive()
+
+    return replayed
+
+
+class _Guard:
+    """The outermost ASGI layer: see the module docstring. Deny by default, so that a route
+    added later is behind the login without anybody remembering to put it there."""
+
+    def __init__(self, app: ASGIApp, sink: WebSink) -> None:
+        self.app = app
+        self.sink = sink
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        send = _secured(send)
+        refusal, receive = await self._check(scope, receive)
+        if refusal is not None:
+            await refusal(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    async def _check(self, scope: Scope, receive: Receive) -> tuple[Response | None, Receive]:
+        sink = self.sink
+        request = Request(scope)
+        path = request.url.path
+        method = request.method
+        public = path in _PUBLIC_PATHS or path.startswith("/static/")
+        principal = sink.session_principal(request)
+        if principal is None and not public:
+            token = _bearer(request)
+            if token is not None:
+                found = await sink.token_principal(token, _client(request))
+                if isinstance(found, Response):
+                    return found, receive
+                principal = found
+        if principal is None and not public and sink.credentials.login_required:
+            if method in _SAFE_METHODS and path == "/":
+                return RedirectResponse("login", status_code=303), receive
+            if path == "/logout":
+                return RedirectResponse("login", status_code=303), receive
+            return _unauthorized(
+                "login required: log in at /login, or send Authorization: Bearer <token>"
+            ), receive
+        scope[_PRINCIPAL_KEY] = principal
+        if method in _SAFE_METHODS:
+            return None, receive
+        if _cross_site(request):
+            return JSONResponse({"detail": "cross-site request refused"}, 403), receive
+        if principal is None and not public:
+            return JSONResponse({"detail": _CHANGES_NEED_LOGIN}, 403), receive
+        try:
+            body = await _read_body(receive)
+        except TimeoutError:
+            return JSONResponse({"detail": "request body too slow"}, 408), receive
+        if body is None:
+            return JSONResponse({"detail": "request body too large"}, 413), receive
+        form: dict[str, str] = {}
+        ctype = request.headers.get("content-type", "")
+        if ctype.split(";")[0].strip().lower() == "application/x-www-form-urlencoded":
+            try:
+                form = dict(parse_qsl(body.decode("utf-8", "replace"), max_num_fields=20))
+            except ValueError:
+                return JSONResponse({"detail": "too many form fields"}, 400), receive
+        scope[_FORM_KEY] = form
+        if principal is not None and principal.session is not None and path != "/login":
+            sent = request.headers.get("x-csrf-token") or form.get("csrf", "")
+            if not hmac.compare_digest(sent.encode(), principal.session.csrf.encode()):
+                return JSONResponse({"detail": "CSRF token missing or wrong"}, 403), receive
+        return None, _replay(body, receive)
 
 
 async def _bind(host: str, port: int) -> list[socket.socket]:
@@ -584,14 +860,26 @@ class WebSink:
         self._hub = _Hub(self)
         self._static: dict[str, tuple[bytes, str]] = {}
         self._index_by_machine: dict[str, list[int]] = {}
+        try:
+            self.credentials = Credentials(section.password_hash, section.tokens)
+        except PasswordHashError as exc:
+            raise GatewayError(f"web: {exc}") from None
+        self.sessions = Sessions(section.session_hours * 3600)
+        self.throttle = LoginThrottle()
+        #: Where the server listens: web.host, or 127.0.0.1 without a password.
+        self.host = bind_host(section.host, section.password_hash)
+        #: Password and token checks (scrypt) run here, one at a time: off the event loop, and
+        #: a flood of logins cannot take more than one core.
+        self._auth_pool: ThreadPoolExecutor | None = None
         self.app = self._build_app()
+        self.asgi = _Guard(self.app, self)
 
     # -- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
         if self._task is not None:
             return
-        host, port = self.section.host, self.section.port
+        host, port = self.host, self.section.port
         self._prepare()
         try:
             socks = await _bind(host, port)
@@ -600,9 +888,13 @@ class WebSink:
             raise GatewayError(f"web: cannot listen on {host}:{port}: {reason}") from exc
         self.port = int(socks[0].getsockname()[1])
         config = uvicorn.Config(
-            self.app,
+            self.asgi,
             host=host,
             port=self.port,
+            # Said explicitly rather than left to FORWARDED_ALLOW_IPS: only a reverse proxy on
+            # this box may tell us the client's address and scheme.
+            proxy_headers=True,
+            forwarded_allow_ips="127.0.0.1",
             http="h11",
             ws="none",
             lifespan="off",
@@ -631,16 +923,34 @@ class WebSink:
             await self.close()
             raise GatewayError(f"web: cannot listen on {host}:{port}: {reason}")
         self._ticker = asyncio.create_task(self._tick_forever(), name="web[sse]")
+        self._auth_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="web-auth")
         url_host = f"[{host}]" if ":" in host else host
-        self._set_health(f"http://{url_host}:{self.port}/")
-        if _is_loopback(host):
-            log.info("status page on http://%s:%d/", url_host, self.port)
-        else:
+        url = f"http://{url_host}:{self.port}/"
+        self._set_health(url)
+        if host != self.section.host:
+            # Every start, not once: the log is where a technician looks when the page is
+            # unreachable from the network.
             log.warning(
-                "status page on http://%s:%d/ is reachable from the network and has no "
-                "authentication yet; bind web.host to 127.0.0.1 unless the network is trusted",
-                url_host,
-                self.port,
+                "web.host is %s but no web.password_hash is set, so the status page listens "
+                "on %s only (there is no default password). To reach it from the network "
+                "with a login, make a password hash with `retrofit-gw passwd`, put it in the "
+                "config as web.password_hash and restart",
+                self.section.host,
+                url,
+            )
+        elif not self.credentials.login_required:
+            log.info(
+                "status page on %s, without login (loopback only; web.password_hash from "
+                "`retrofit-gw passwd` adds one)",
+                url,
+            )
+        elif _is_loopback(host):
+            log.info("status page on %s (login required)", url)
+        else:
+            log.info(
+                "status page on %s (login required). It speaks plain HTTP: put a TLS reverse "
+                "proxy in front unless the network is trusted",
+                url,
             )
 
     @staticmethod
@@ -663,6 +973,10 @@ class WebSink:
     async def close(self) -> None:
         self.stopping = True
         self._hub.close()
+        pool, self._auth_pool = self._auth_pool, None
+        if pool is not None:
+            # At most one scrypt run is under way; queued checks are dropped.
+            pool.shutdown(wait=True, cancel_futures=True)
         ticker, self._ticker = self._ticker, None
         if ticker is not None:
             ticker.cancel()
@@ -692,7 +1006,52 @@ class WebSink:
             "listening": url is not None,
             "url": url,
             "streams": self._hub.streams,
+            "login": "required" if self.credentials.login_required else "none (loopback)",
         }
+
+    # -- who is asking -----------------------------------------------------------------------
+
+    @property
+    def session_cookie(self) -> str:
+        # Cookies are per host, not per port: two gateways on one box keep separate logins.
+        return f"gw_session_{self.port}"
+
+    @property
+    def login_cookie(self) -> str:
+        return f"gw_login_{self.port}"
+
+    def session_principal(self, request: Request) -> Principal | None:
+        session = self.sessions.get(request.cookies.get(self.session_cookie))
+        return None if session is None else Principal("session", "web login", session)
+
+    async def token_principal(self, token: str, client: str) -> Principal | Response:
+        """The API client a bearer token belongs to; else a 401 or 429 to answer with."""
+        name = self.credentials.remembered_token(token)
+        if name is None:
+            wait = self.throttle.retry_after(client)
+            if wait is not None:
+                return _too_many(wait)
+            name = await self._blocking(self.credentials.check_token, token)
+            if name is None:
+                self.throttle.failed(client)
+                log.warning("web: refused an unknown bearer token from %s", client)
+                return _unauthorized("unknown bearer token")
+            self.throttle.succeeded(client)
+        return Principal("token", name)
+
+    async def _blocking(self, fn: Callable[[str], _T], arg: str) -> _T:
+        pool = self._auth_pool
+        if pool is None:
+            raise HTTPException(503, "shutting down")
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, arg)
+
+    async def _session_stream(self, session: Session) -> AsyncIterator[bytes]:
+        """The live stream for one login, ending within a tick of its logout or expiry."""
+        async with contextlib.aclosing(self._hub.stream()) as events:
+            async for chunk in events:
+                if not self.sessions.alive(session):
+                    return
+                yield chunk
 
     async def _tick_forever(self) -> None:
         loop = asyncio.get_running_loop()
@@ -843,31 +1202,86 @@ class WebSink:
         app = FastAPI(
             title="retrofit-gateway",
             version=__version__,
-            description="Status of the gateway, its devices and their tags.",
+            description="Status of the gateway, its devices and their tags. When the page "
+            "needs a login, so does this API: a session cookie from /login, or "
+            "`Authorization: Bearer <token>` with a token from web.tokens.",
+            # Both UIs load their scripts from a CDN; the page loads nothing from elsewhere.
+            docs_url=None,
             redoc_url=None,
         )
 
         @app.get("/", response_class=HTMLResponse, summary="The status page")
-        async def index() -> Response:
+        async def index(request: Request) -> Response:
+            principal = _principal(request)
+
             async def chunks() -> AsyncIterator[bytes]:
-                for chunk in self.iter_page(time.time()):
+                for chunk in self.iter_page(time.time(), principal):
                     yield chunk.encode()
                     await asyncio.sleep(0)
 
-            return StreamingResponse(
-                chunks(),
-                media_type="text/html; charset=utf-8",
-                headers={
-                    "Cache-Control": "no-store",
-                    "Content-Security-Policy": (
-                        "default-src 'none'; script-src 'self'; style-src 'self'; "
-                        "connect-src 'self'; img-src 'self'; base-uri 'none'; "
-                        "form-action 'none'; frame-ancestors 'none'"
-                    ),
-                    "X-Content-Type-Options": "nosniff",
-                    "Referrer-Policy": "no-referrer",
-                },
+            return StreamingResponse(chunks(), media_type="text/html; charset=utf-8")
+
+        @app.get("/login", response_class=HTMLResponse, include_in_schema=False)
+        async def login_form(request: Request) -> Response:
+            principal = _principal(request)
+            if principal is not None and principal.session is not None:
+                return RedirectResponse("./", status_code=303)
+            return self._login_response(request, 200, "")
+
+        @app.post("/login", response_class=HTMLResponse, include_in_schema=False)
+        async def login(request: Request) -> Response:
+            if not self.credentials.login_required:
+                return self._login_response(request, 404, "")
+            form = _form(request)
+            expected = request.cookies.get(self.login_cookie, "")
+            if not expected or not hmac.compare_digest(
+                expected.encode(), form.get("csrf", "").encode()
+            ):
+                return self._login_response(
+                    request, 403, "The form had expired or came from elsewhere: try again."
+                )
+            client = _client(request)
+            wait = self.throttle.retry_after(client)
+            if wait is not None:
+                log.warning("web: login from %s refused unchecked: too many failures", client)
+                response = self._login_response(
+                    request,
+                    429,
+                    f"Too many failed logins from this address: try again in "
+                    f"{math.ceil(wait / 60)} min.",
+                )
+                response.headers["Retry-After"] = str(wait)
+                return response
+            ok = await self._blocking(self.credentials.check_password, form.get("password", ""))
+            if not ok:
+                self.throttle.failed(client)
+                log.warning("web: failed login from %s", client)
+                return self._login_response(request, 401, "Wrong password.")
+            self.throttle.succeeded(client)
+            sid, _ = self.sessions.create()
+            log.info("web: login from %s", client)
+            done = RedirectResponse("./", status_code=303)
+            done.set_cookie(
+                self.session_cookie,
+                sid,
+                max_age=int(self.sessions.lifetime_s),
+                path="/",
+                secure=request.url.scheme == "https",
+                httponly=True,
+                samesite="strict",
             )
+            done.delete_cookie(self.login_cookie, path="/")
+            return done
+
+        @app.post("/logout", include_in_schema=False)
+        async def logout(request: Request) -> Response:
+            principal = _principal(request)
+            if principal is not None and principal.session is not None:
+                self.sessions.end(principal.session)
+                log.info("web: logout from %s", _client(request))
+            response = RedirectResponse("login", status_code=303)
+            response.delete_cookie(self.session_cookie, path="/")
+            return response
 
         @app.get("/static/{name}", include_in_schema=False)
         async def static(name: str) -> Response:
@@ -894,13 +1308,15 @@ class WebSink:
             response_class=StreamingResponse,
             responses={200: {"content": {"text/event-stream": {}}}, 503: {}},
         )
-        async def stream() -> Response:
+        async def stream(request: Request) -> Response:
             if self._hub.closed:
                 raise HTTPException(503, "shutting down")
             if self._hub.streams >= MAX_STREAMS:
                 raise HTTPException(503, f"too many live pages (max {MAX_STREAMS})")
+            principal = _principal(request)
+            session = principal.session if principal is not None else None
             return StreamingResponse(
-                self._hub.stream(),
+                self._hub.stream() if session is None else self._session_stream(session),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
             )
@@ -943,6 +1359,67 @@ class WebSink:
             return Response(self.tags_json(selected, time.time()), media_type="application/json")
 
         @app.get(
+            "/api/audit",
+            response_model=list[dict[str, Any]],
+            summary="Recent writes to machines, newest first",
+            description="Every attempt, refused or done: who, from where, the tag, the old "
+            "and the requested value, the read-back and the result. The full record is "
+            "audit.jsonl in the data directory.",
+        )
+        async def audit(
+            limit: int = Query(default=100, ge=1, le=1000, description="At most this many."),
+        ) -> JSONResponse:
+            entries = list(self.runtime.audit_recent)[-limit:]
+            return JSONResponse([_jsonable(e) for e in reversed(entries)])
+
+        @app.get(
+            "/api/certs",
+            response_model=list[CertOut],
+            summary="OPC UA client certificates",
+            description="Rejected ones are clients refused so far; 404 without OPC UA.",
+        )
+        async def certificates() -> list[CertOut]:
+            self._require_opcua()
+            try:
+                return [_cert_out(c) for c in self._list_certs()]
+            except OSError as exc:
+                raise HTTPException(500, f"cannot read the trust folders: {exc}") from None
+
+        @app.post(
+            "/api/certs/{cert_id}/trust",
+            response_model=CertOut,
+            summary="Trust a rejected OPC UA client certificate",
+            description="Moves it to the trusted folder; the client can connect at its next "
+            "attempt. Needs a login (and a CSRF token from a browser session). A form post "
+            "is answered with a redirect to the page.",
+            responses={303: {"description": "from a form: back to the page"}, 404: {}},
+        )
+        async def trust(cert_id: str, request: Request) -> Response:
+            from gateway import certs  # noqa: PLC0415  (cryptography: only with OPC UA)
+
+            self._require_opcua()
+            try:
+                info = certs.trust(self.runtime.data_dir, cert_id)
+            except certs.UnknownCertificate as exc:
+                raise HTTPException(404, str(exc)) from None
+            except OSError as exc:
+                raise HTTPException(500, f"cannot move the certificate: {exc}") from None
+            principal = _principal(request)
+            log.info(
+                "web: OPC UA client certificate %s (%s) trusted by %s from %s",
+                info.id,
+                info.common_name or info.subject,
+                principal.name if principal is not None else "?",
+                _client(request),
+            )
+            if _FORM_KEY in request.scope and request.headers.get("content-type", "").startswith(
+                "application/x-www-form-urlencoded"
+            ):
+                # From /api/certs/<id>/trust back to the page, behind any path prefix.
+                return RedirectResponse("../../../#certs", status_code=303)
+            return JSONResponse(_cert_out(info).model_dump(mode="json"))
+
+        @app.get(
             "/healthz",
             response_model=HealthOut,
             summary="For watchdogs: 200 when running, 503 when broken",
@@ -966,6 +1443,68 @@ class WebSink:
             )
 
         return app
+
+    def _require_opcua(self) -> None:
+        if self.runtime.config.opcua is None:
+            raise HTTPException(404, "OPC UA is not configured")
+
+    def _list_certs(self) -> list[CertificateInfo]:
+        from gateway import certs  # noqa: PLC0415  (cryptography: only with OPC UA)
+
+        return certs.list_certificates(self.runtime.data_dir)
+
+    def _login_response(self, request: Request, status: int, error: str) -> HTMLResponse:
+        """The login page; it (re)sets the form's CSRF cookie, keeping a valid one so that
+        two open tabs both work."""
+        token = request.cookies.get(self.login_cookie, "")
+        if not 32 <= len(token) <= 64 or not token.replace("-", "").replace("_", "").isalnum():
+            token = secrets.token_urlsafe(32)
+        response = HTMLResponse(self.render_login(token, error), status_code=status)
+        if status == 401:
+            response.headers["WWW-Authenticate"] = 'Bearer realm="retrofit-gateway"'
+        response.set_cookie(
+            self.login_cookie,
+            token,
+            max_age=LOGIN_FORM_S,
+            path="/",
+            secure=request.url.scheme == "https",
+            httponly=True,
+            samesite="strict",
+        )
+        return response
+
+    def render_login(self, csrf: str, error: str) -> str:
+        e = html.escape
+        g = self.runtime.config.gateway
+        head = (
+            '<!doctype html><html lang="en"><head><meta charset="utf-8">'
+            '<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f"<title>{e(g.name)} · log in</title>"
+            f'<link rel="stylesheet" href="static/page.css?v={e(__version__)}">'
+            '</head><body class="login"><main class="loginbox">'
+            f"<h1>{e(g.name)}</h1>"
+            f'<p class="where">{e(g.site)} / {e(g.area)} / {e(g.line)}</p>'
+        )
+        if not self.credentials.login_required:
+            return (
+                f"{head}<p>No password is set, so there is no login: the status page is open "
+                "on this gateway's loopback address only.</p>"
+                "<p>To require one (and reach the page from the network), make a password "
+                "hash with <code>retrofit-gw passwd</code> and put it in the config as "
+                '<code>web.password_hash</code>.</p><p><a href="./">Status page</a></p>'
+                "</main></body></html>"
+            )
+        alert = f'<p class="err" role="alert">{e(error)}</p>' if error else ""
+        return (
+            f"{head}{alert}"
+            '<form method="post" action="login">'
+            f'<input type="hidden" name="csrf" value="{e(csrf)}">'
+            '<label for="password">Password</label>'
+            '<input id="password" name="password" type="password" required autofocus '
+            'autocomplete="current-password">'
+            '<button type="submit">Log in</button></form>'
+            "</main></body></html>"
+        )
 
     # -- /metrics ----------------------------------------------------------------------------
 
@@ -1170,16 +1709,40 @@ class WebSink:
             "Status pages open (live streams).",
             [("", self._hub.streams)],
         )
+        m.family(
+            "retrofit_gw_web_login_required",
+            "gauge",
+            "1 when the status page and API need a login.",
+            [("", self.credentials.login_required)],
+        )
+        m.family(
+            "retrofit_gw_web_sessions",
+            "gauge",
+            "Logged-in browser sessions.",
+            [("", len(self.sessions))],
+        )
+        m.family(
+            "retrofit_gw_web_login_failures_total",
+            "counter",
+            "Wrong passwords and unknown bearer tokens.",
+            [("", self.throttle.failed_total)],
+        )
+        m.family(
+            "retrofit_gw_web_login_throttled_total",
+            "counter",
+            "Logins refused unchecked (429) after too many failures from one address.",
+            [("", self.throttle.throttled_total)],
+        )
         return m.text()
 
     # -- the page ----------------------------------------------------------------------------
 
-    def render_page(self, now: float) -> str:
-        return "".join(self.iter_page(now))
+    def render_page(self, now: float, principal: Principal | None = None) -> str:
+        return "".join(self.iter_page(now, principal))
 
-    def iter_page(self, now: float) -> Iterator[str]:
+    def iter_page(self, now: float, principal: Principal | None = None) -> Iterator[str]:
         """The page in chunks of one device each, so that serving 10,000 rows lets the event
-        loop (and the polling) run in between."""
+        loop (and the polling) run in between. ``principal``: who asked, for the forms."""
         e = html.escape
         g = self.runtime.config.gateway
         counts = self._device_counts()
@@ -1208,7 +1771,7 @@ class WebSink:
             f'<div><dt>Gateway</dt><dd><span id="gw-ok" class="badge {ok_class}">'
             f"{ok_text}</span></dd></div>"
             f"{self._render_clock()}"
-            "</dl></header>"
+            f"</dl>{_render_logout(principal)}</header>"
         )
         w('<section class="cards">')
         w(
@@ -1229,6 +1792,8 @@ class WebSink:
         w(self._render_mqtt_card())
         w(self._render_sparkplug_card())
         w(self._render_opcua_card())
+        w(self._render_certs_card(principal))
+        w(self._render_writes_card(now))
         w("</section><main>")
         collapse = len(self.tags) > COLLAPSE_ABOVE_TAGS
         by_device: dict[str, list[_Tag]] = {}
@@ -1252,7 +1817,7 @@ class WebSink:
             w("</details>")
         w(
             '</main><footer>retrofit-gateway · <a href="api/status">JSON API</a> · '
-            '<a href="metrics">metrics</a> · <a href="docs">API docs</a></footer>'
+            '<a href="metrics">metrics</a> · <a href="openapi.json">API schema</a></footer>'
             "</body></html>"
         )
         yield "".join(out)
@@ -1344,6 +1909,113 @@ class WebSink:
             f"{e(_fmt_value(h.get('sessions')))}</b></div></div>"
         )
 
+    def _render_certs_card(self, principal: Principal | None) -> str:
+        """OPC UA client certificates, rejected first: those are the ones waiting for a
+        technician. Trust buttons only for a logged-in browser (they need its CSRF token)."""
+        if self.runtime.config.opcua is None:
+            return ""
+        e = html.escape
+        out = ['<div class="card span" id="certs" data-sink="certs"><h2>Certificates</h2>']
+        try:
+            found = self._list_certs()
+        except OSError as exc:
+            out.append(f'<p class="note">cannot read the trust folders: {e(str(exc))}</p></div>')
+            return "".join(out)
+        session = principal.session if principal is not None else None
+        groups = (
+            ("rejected", [c for c in found if c.state == "rejected"]),
+            ("trusted", [c for c in found if c.state == "trusted"]),
+        )
+        if not found:
+            out.append(
+                '<p class="note">No OPC UA client certificates yet. A client whose certificate '
+                "is refused appears here, to be trusted.</p>"
+            )
+        for state, certs in groups:
+            if not certs:
+                continue
+            out.append(f'<ul class="certs" data-state="{state}">')
+            for c in certs[:CERTS_SHOWN]:
+                problem = c.time_problem()
+                validity = problem or f"valid until {c.not_after:%Y-%m-%d}"
+                seen = (
+                    ""
+                    if c.first_seen is None
+                    else f" · first seen {c.first_seen:%Y-%m-%d %H:%M} UTC"
+                )
+                badge = "bad" if state == "rejected" else "ok"
+                button = ""
+                if state == "rejected" and session is not None:
+                    who = c.common_name or c.subject
+                    button = (
+                        f'<form method="post" action="api/certs/{e(c.id)}/trust" '
+                        f'data-confirm="Trust {e(who)}? It can connect to OPC UA at once.">'
+                        f'<input type="hidden" name="csrf" value="{e(session.csrf)}">'
+                        '<button type="submit" class="act">Trust</button></form>'
+                    )
+                out.append(
+                    f'<li data-cert="{e(c.id)}" data-state="{state}">'
+                    f'<span class="badge {badge}">{state.upper()}</span>'
+                    f'<div class="what"><b>{e(c.common_name or c.subject)}</b> '
+                    f'<span class="mono">{e(c.id)}</span>'
+                    f'<div class="note">{e(c.application_uri or "no application URI")} · '
+                    f'<span class="{"warntext" if problem else ""}">{e(validity)}</span>'
+                    f"{e(seen)}</div></div>{button}</li>"
+                )
+            if len(certs) > CERTS_SHOWN:
+                out.append(
+                    f'<li class="note">… and {len(certs) - CERTS_SHOWN} more '
+                    "(<code>retrofit-gw certs list</code>)</li>"
+                )
+            out.append("</ul>")
+        if groups[0][1] and session is None:
+            if self.credentials.login_required:
+                hint = "Trusting from this page needs a browser login."
+            else:
+                hint = (
+                    "Trusting from this page needs a login, and no password is set: make a "
+                    "hash with <code>retrofit-gw passwd</code> for <code>web.password_hash</code>."
+                )
+            out.append(
+                f'<p class="note">{hint} On the gateway: '
+                "<code>retrofit-gw certs trust CONFIG ID</code>.</p>"
+            )
+        out.append("</div>")
+        return "".join(out)
+
+    def _render_writes_card(self, now: float) -> str:
+        """The write audit, newest first (all of it: GET /api/audit, or audit.jsonl)."""
+        e = html.escape
+        entries = list(self.runtime.audit_recent)[-WRITES_SHOWN:]
+        if not entries:
+            writable = any(s.write is not None for s in self.runtime.tags)
+            text = "No writes yet." if writable else "No writes: no tag is writable."
+            return (
+                '<div class="card span muted" id="writes"><h2>Writes</h2>'
+                f'<p class="note">{text}</p></div>'
+            )
+        out = ['<div class="card span" id="writes"><h2>Writes</h2><ul class="writes">']
+        for entry in reversed(entries):
+            ts = entry.get("ts")
+            when = _fmt_age(now - ts) if isinstance(ts, int | float) else "—"
+            result = str(entry.get("result", "?"))
+            ok = result == "ok"
+            change = f"{_fmt_value(entry.get('old'))} → {_fmt_value(entry.get('requested'))}"
+            if ok and "read_back" in entry:
+                change += f" (read back {_fmt_value(entry.get('read_back'))})"
+            detail = "" if ok else str(entry.get("detail", ""))
+            out.append(
+                f'<li data-result="{e(result)}">'
+                f'<span class="badge {"ok" if ok else "bad"}">{e(result)}</span>'
+                f'<div class="what"><b>{e(str(entry.get("tag", "?")))}</b> '
+                f'<span class="mono">{e(change)}</span>'
+                f'<div class="note">{e(when)} · {e(str(entry.get("user", "?")))} from '
+                f"{e(str(entry.get('origin', '?')))}"
+                f"{' · ' + e(detail) if detail else ''}</div></div></li>"
+            )
+        out.append("</ul></div>")
+        return "".join(out)
+
     def _render_device(self, st: DeviceStatus, now: float) -> str:
         e = html.escape
         last_success = "never" if st.last_success_ts is None else _fmt_age(now - st.last_success_ts)
@@ -1422,6 +2094,16 @@ def _why(reason: str, detail: str, device_error: str) -> str:
     its table, not under each of its tags."""
     label = reason.replace("_", " ")
     return f"{label}: {detail}" if detail and detail != device_error else label
+
+
+def _render_logout(principal: Principal | None) -> str:
+    if principal is None or principal.session is None:
+        return ""
+    return (
+        '<form class="logout" method="post" action="logout">'
+        f'<input type="hidden" name="csrf" value="{html.escape(principal.session.csrf)}">'
+        '<button type="submit">Log out</button></form>'
+    )
 
 
 def _conn_class(connected: object) -> str:

@@ -180,11 +180,26 @@
     es.onerror = () => {
       banner.hidden = false;
       document.body.classList.add("offline");
-      // The browser retries by itself unless the answer was not a stream (a proxy's 502):
-      // then it gives up, and we start over.
-      if (es.readyState === EventSource.CLOSED) setTimeout(connect, 3000);
+      // The browser retries by itself unless the answer was not a stream (a proxy's 502, or
+      // a 401 once the login ended): then it gives up, and we start over, or reload into
+      // the login form.
+      if (es.readyState === EventSource.CLOSED) {
+        fetch("api/status", { cache: "no-store" })
+          .then((r) => {
+            if (r.status === 401) location.reload();
+            else setTimeout(connect, 3000);
+          })
+          .catch(() => setTimeout(connect, 3000));
+      }
     };
   }
   connect();
   setInterval(tickAges, 1000);
+
+  // Forms that change something ask first (a certificate to trust, say).
+  for (const form of document.querySelectorAll("form[data-confirm]")) {
+    form.addEventListener("submit", (ev) => {
+      if (!window.confirm(form.dataset.confirm)) ev.preventDefault();
+    });
+  }
 })();
