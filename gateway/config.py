@@ -235,8 +235,6 @@ class BrokerSection(_Section):
         return data
 
 
-
-
 class MqttSection(BrokerSection):
     """Publish every reading to an MQTT broker as a Unified Namespace. Absent: no MQTT."""
 

@@ -69,12 +69,13 @@ and bounded by CONNECT_TIMEOUT, and paho is handed the finished ``ssl.SSLSocket`
 loopback each log a WARNING at every start.
 
 MQTT version (``protocol``): ``auto`` (default) sends an MQTT 5 CONNECT; a broker that
-answers "unsupported protocol version" (or closes the connection before any CONNACK) is
-asked again at once in 3.1.1, and once that works the link stays on 3.1.1 until the process
-restarts. In MQTT 5 the raw PUBLISH packets carry an empty property list, a PUBACK's reason
-code is read (>= 0x80: the broker refused the message; it is dropped, and logged once per
-connection), and the broker's Receive Maximum is shared between our raw QoS 1 packets and
-paho's own publishes, so that the two never exceed it together.
+answers "unsupported protocol version", closes the connection before any CONNACK, or says
+nothing for V5_CONNACK_TIMEOUT is asked again at once in 3.1.1, and once that works the link
+stays on 3.1.1 until the process restarts. In MQTT 5 the raw PUBLISH packets carry an empty
+property list, a PUBACK's reason code is read (>= 0x80: the broker refused the message; it
+is dropped, and logged once per connection), and the broker's Receive Maximum is shared
+between our raw QoS 1 packets and paho's own publishes, so that the two never exceed it
+together.
 
 paho internals relied on (paho-mqtt is pinned to ~=2.2.0; check each on an upgrade):
 
@@ -144,6 +145,9 @@ log = logging.getLogger("gateway.sinks.mqtt")
 
 #: TCP connect plus CONNACK.
 CONNECT_TIMEOUT = 10.0
+#: protocol auto: how long an MQTT 5 CONNECT waits for its CONNACK before 3.1.1 is tried. A
+#: 3.1.1-only broker may neither answer nor close (amqtt, the demo's broker, does that).
+V5_CONNACK_TIMEOUT = 3.0
 #: How long close() waits for "offline" to be acknowledged and the DISCONNECT to be written.
 CLOSE_TIMEOUT = 2.0
 #: How long the end of run() waits for queued messages to be written.
@@ -894,8 +898,17 @@ class MqttLink:
             client.next_socket = None
             sock.close()
             raise
-        async with asyncio.timeout(CONNECT_TIMEOUT):
-            await self._connack
+        if v5 and self.section.protocol == "auto":
+            try:
+                async with asyncio.timeout(V5_CONNACK_TIMEOUT):
+                    await self._connack
+            except TimeoutError:
+                raise _Refused(
+                    f"no answer to an MQTT 5 CONNECT within {V5_CONNACK_TIMEOUT:g} s", version=True
+                ) from None
+        else:
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                await self._connack
 
     async def _handshake(
         self, loop: asyncio.AbstractEventLoop, sock: socket.socket, context: ssl.SSLContext
@@ -918,12 +931,15 @@ class MqttLink:
                         await _ready(loop, tls.fileno(), writable=True)
                     else:
                         return tls
+        except (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionError):
+            tls.close()
+            raise _Refused(
+                f"TLS: {self.broker} closed the connection during the handshake (a plain MQTT "
+                "port, or no TLS version or cipher in common?)"
+            ) from None
         except ssl.SSLError as exc:
             tls.close()
             raise _Refused(_tls_problem(exc, name, self.broker)) from None
-        except ConnectionError:
-            tls.close()
-            raise _Refused(_tls_closed(self.broker)) from None
         except BaseException:
             tls.close()
             raise
@@ -1034,9 +1050,10 @@ class MqttLink:
             if self._lost_reason:
                 connack.set_exception(_Refused(self._lost_reason))
             else:
-                connack.set_exception(
-                    _Refused("the broker closed the connection without answering", version=True)
-                )
+                why = "the broker closed the connection without answering"
+                if self.section.tls is None:
+                    why += " (a TLS port? then configure tls:)"
+                connack.set_exception(_Refused(why, version=True))
         self.user.link_down(unsent)
 
     def _on_socket_register_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
@@ -1773,13 +1790,6 @@ def _tls_problem(exc: ssl.SSLError, name: str, broker: str) -> str:
     if reason == "WRONG_VERSION_NUMBER":
         return f"TLS: {broker} does not answer in TLS (a plain MQTT port?)"
     return f"TLS: {reason or exc}"
-
-
-def _tls_closed(broker: str) -> str:
-    return (
-        f"TLS: {broker} closed the connection during the handshake (a plain MQTT port, or no "
-        "TLS version or cipher in common?)"
-    )
 
 
 def _connack_problem(reason: Any) -> str:
