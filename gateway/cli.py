@@ -358,6 +358,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         gw_section = cfg.gateway.model_copy(update={"data_dir": data})
         loaded = LoadedConfig(loaded.path, cfg.model_copy(update={"gateway": gw_section}))
     embedded = loaded.config.mqtt is not None and not args.broker
+    if embedded and (section := loaded.config.mqtt) is not None:
+        # The embedded broker (amqtt) speaks 3.1.1 and neither answers nor refuses an MQTT 5
+        # CONNECT: "auto" would wait out its fallback timeout first.
+        cfg = loaded.config
+        mqtt = section.model_copy(update={"protocol": "3.1.1"})
+        loaded = LoadedConfig(loaded.path, cfg.model_copy(update={"mqtt": mqtt}))
 
     async def main() -> None:
         stop = asyncio.Event()
