@@ -1,4 +1,5 @@
-"""OPC UA server sink: every tag as a read-only variable, with units, ranges and quality.
+"""OPC UA server sink: every tag as a variable with units, ranges and quality; operators may
+write the tags that have a write rule (see "Writes" below).
 
 Address space, under our own namespace (``section.namespace_uri`` or
 ``urn:retrofit-gateway:<gateway name>``, index ``ns``; NodeIds below are ``ns=<ns>;s=...``)::
@@ -106,11 +107,63 @@ Fast path and the asyncua internals it uses (asyncua is pinned to 2.1.x):
 - Connections whose certificate is no longer trusted are found through
   ``BinaryServer.clients`` and each one's ``UaProcessor`` (its session and the channel's
   ``security_policy.peer_certificate``).
+- Writes: ``InternalServer.attribute_service`` is replaced by ``_WriteGate``, an
+  ``AttributeService`` whose async ``write(params, user)`` asyncua's ``InternalSession.write``
+  awaits with the session's user (our ``SessionUser``; asyncua's own internal session is the
+  only Admin, and gets asyncua's write). The channel a write arrived on is the
+  ``OPCUAProtocol`` in ``BinaryServer.clients`` whose ``_task`` is the current task (asyncua
+  handles a connection's requests in that one task): its ``peer_name`` and
+  ``processor._connection.security_policy`` (``URI``, ``Mode``). No match, no write.
+- UserAccessLevel per user: a ``CallbackType.PostRead`` listener (``InternalSession.read``
+  dispatches it with the user and the results list, which it then returns) rewrites the
+  results for writable variables.
+
+Writes: a client writes a machine only through ``runtime.write`` (``gateway.writes``), and
+only the Value of a tag with a write rule. Those variables have AccessLevel CurrentRead |
+CurrentWrite; every other variable is CurrentRead only. UserAccessLevel is stored as
+CurrentRead and shown with CurrentWrite only to an operator on a Sign or SignAndEncrypt
+channel (a PostRead server callback rewrites that one attribute in Read results; Read has no
+user otherwise). ``_WriteGate`` replaces asyncua's AttributeService for every client session:
+its ``write`` is async and awaited by the session's request handling, so a write waits for the
+device without blocking the loop. It does hold up that connection's next requests, which
+asyncua handles one at a time, until the device answers (each device call is bounded by
+``gateway.writes.WRITE_TIMEOUT``, 10 s; a client whose request timeout is shorter may give up
+on a write that still completes, and the audit has the outcome). In order:
+
+========================================================  =================================
+the write                                                 StatusCode
+========================================================  =================================
+a node that does not exist                                BadNodeIdUnknown
+any other node, a read-only tag, an attribute not Value   BadNotWritable
+by a reader or anonymously                                BadUserAccessDenied
+an operator on a None channel (even with allow_none)      BadSecurityModeInsufficient
+an IndexRange (every tag is a scalar)                     BadIndexRangeInvalid
+a StatusCode other than Good with the value               BadWriteNotSupported
+then ``runtime.write``: ok                                Good
+``out_of_range``, ``not_allowed``, ``not_representable``  BadOutOfRange
+``bad_type``                                              BadTypeMismatch
+``rate_limited``                                          BadResourceUnavailable
+``not_writable``                                          BadNotWritable
+``device`` (no answer, link down, exception reply)        BadCommunicationError
+``verify_failed`` (written, read back differs)            BadDeviceFailure
+========================================================  =================================
+
+The refusals above the ``runtime.write`` line never reach the write service (they are logged
+and counted, not audited). The value goes to ``runtime.write`` as the client's Variant holds
+it, whatever its numeric type: the write service checks the kind and converts exactly or
+refuses, so an Int64 ``1450`` for a UInt16 tag is fine and ``12.34`` for a tag of 0.1 steps is
+BadOutOfRange. Timestamps sent with the value are ignored: asyncua's client sends a
+SourceTimestamp with every write, and the machine has no use for one. The written value is
+never stored in the node: what the node shows is the next poll's read-back, and a refused
+write leaves it as it was. ``rate_limited`` is BadResourceUnavailable because
+BadTooManyOperations means too many operations in one request. The audit names the operator,
+and ``opcua <address>:<port> <policy>_<mode> cert <id>`` as the origin.
 
 Health, in ``runtime.health["opcua"]``: ``endpoint``, ``sessions`` (activated, refreshed
 with the device diagnostics), ``updates`` (values written), ``started_in_s`` (``start()``),
 ``first_value_s`` (from ``start()`` to the first Good value served), ``variables``,
-``refused`` (sessions and logins refused) and ``certificates_pending`` (in pki/rejected/).
+``refused`` (sessions and logins refused), ``certificates_pending`` (in pki/rejected/),
+``writes`` (client writes done) and ``writes_refused`` (refused, by us or the write service).
 """
 
 from __future__ import annotations
@@ -123,7 +176,7 @@ import logging
 import secrets
 import socket
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -131,9 +184,10 @@ from pathlib import Path
 from typing import Any, Final, Literal
 
 from asyncua import Server, ua
+from asyncua.common.callback import CallbackType, ServerItemCallback
 from asyncua.crypto.permission_rules import User, UserRole
 from asyncua.crypto.validator import CertificateValidatorMethod
-from asyncua.server.address_space import AddressSpace, AttributeValue, NodeData
+from asyncua.server.address_space import AddressSpace, AttributeService, AttributeValue, NodeData
 from asyncua.server.binary_server_asyncio import OPCUAProtocol
 from asyncua.server.internal_server import InternalServer
 from asyncua.server.monitored_item_service import MonitoredItemService
@@ -143,6 +197,7 @@ from gateway import auth
 from gateway.bus import STALE_INTERVALS, Subscription
 from gateway.certs import TrustList, describe, load_or_create_certificate, sha256_of
 from gateway.config import OpcUaSection, OpcUaUser
+from gateway.errors import WriteRefused
 from gateway.model import Quality, Reading, Reason, TagKey, TagSpec
 from gateway.sinks.base import RuntimeView
 from gateway.status import DeviceState, DeviceStatus
@@ -150,6 +205,7 @@ from gateway.status import DeviceState, DeviceStatus
 __all__ = [
     "UNITS",
     "UNITS_NAMESPACE",
+    "WRITE_STATUS",
     "OpcUaSink",
     "SessionUser",
     "count_sessions",
@@ -209,6 +265,20 @@ _FALLBACK: Final = {Quality.GOOD: _GOOD, Quality.UNCERTAIN: _UNCERTAIN, Quality.
 def status_code(quality: Quality, reason: Reason, has_value: bool) -> ua.StatusCode:
     """The StatusCode served for a reading (the table in the module docstring)."""
     return _CODES.get((quality, reason, has_value)) or _FALLBACK[quality]
+
+
+#: ``WriteRefused.code`` -> the StatusCode a client's write gets (see "Writes" above).
+WRITE_STATUS: Final[Mapping[str, int]] = {
+    "unknown_tag": _SC.BadNodeIdUnknown,
+    "not_writable": _SC.BadNotWritable,
+    "bad_type": _SC.BadTypeMismatch,
+    "out_of_range": _SC.BadOutOfRange,
+    "not_allowed": _SC.BadOutOfRange,
+    "not_representable": _SC.BadOutOfRange,
+    "rate_limited": _SC.BadResourceUnavailable,
+    "device": _SC.BadCommunicationError,
+    "verify_failed": _SC.BadDeviceFailure,
+}
 
 
 # --- engineering units ----------------------------------------------------------------------------
@@ -503,6 +573,7 @@ def _within(old: object, new: object, deadband: float) -> bool:
 # --- address space builder ------------------------------------------------------------------------
 
 _A = ua.AttributeIds
+_READ_WRITE: Final = ua.AccessLevel.CurrentRead.mask | ua.AccessLevel.CurrentWrite.mask
 
 
 def _dv(value: Any, vtype: ua.VariantType) -> ua.DataValue:
@@ -521,6 +592,7 @@ class _Builder:
     def __init__(self, aspace: AddressSpace) -> None:
         self._aspace = aspace
         self._read = _dv(ua.AccessLevel.CurrentRead.mask, _VT.Byte)
+        self._read_write = _dv(_READ_WRITE, _VT.Byte)
         self._zero32 = _dv(0, _VT.UInt32)
         self._scalar = _dv(ua.ValueRank.Scalar, _VT.Int32)
         self._false = _dv(False, _VT.Boolean)
@@ -651,7 +723,11 @@ class _Builder:
         value: ua.DataValue,
         description: str = "",
         sampling_ms: float | None = None,
+        *,
+        writable: bool = False,
     ) -> AttributeValue:
+        """A variable; ``writable``: AccessLevel says so, UserAccessLevel is still read-only
+        (``OpcUaSink._on_read`` shows CurrentWrite to those who may write)."""
         display = ua.LocalizedText(browse.Name)
         value_attr = AttributeValue(value)
         node = NodeData(nodeid)
@@ -659,7 +735,7 @@ class _Builder:
             _A.NodeId: AttributeValue(_dv(nodeid, _VT.NodeId)),
             _A.BrowseName: AttributeValue(_dv(browse, _VT.QualifiedName)),
             _A.NodeClass: AttributeValue(self._variable),
-            _A.AccessLevel: AttributeValue(self._read),
+            _A.AccessLevel: AttributeValue(self._read_write if writable else self._read),
             _A.ArrayDimensions: AttributeValue(self._no_dimensions),
             _A.DataType: AttributeValue(
                 self.shared(ua.NodeId(datatype), _VT.NodeId, key=("datatype", datatype))
@@ -878,6 +954,85 @@ class _Gatekeeper:
         return info.id, client
 
 
+@dataclass(frozen=True, slots=True)
+class _Channel:
+    """The secure channel a request arrived on, as the audit names it."""
+
+    peer: str  # "127.0.0.1:50312"
+    policy: str  # "Basic256Sha256_SignAndEncrypt", or "None"
+    secure: bool  # Sign or SignAndEncrypt
+
+
+_SECURE_MODES: Final = (ua.MessageSecurityMode.Sign, ua.MessageSecurityMode.SignAndEncrypt)
+
+
+def _peer(name: Any) -> str:
+    if isinstance(name, tuple) and len(name) >= 2:
+        host, port = name[0], name[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(name)
+
+
+def _current_channel(server: Server | None) -> _Channel | None:
+    """The channel of the request being handled: asyncua handles each connection's requests
+    one at a time in that connection's own task, so the current task names the connection."""
+    bserver = server.bserver if server is not None else None
+    if bserver is None:
+        return None
+    task = asyncio.current_task()
+    client: OPCUAProtocol
+    for client in bserver.clients:
+        if client._task is not task or client.processor is None:
+            continue
+        policy = client.processor._connection.security_policy
+        secure = policy.Mode in _SECURE_MODES
+        name = f"{policy.URI.rsplit('#', 1)[-1]}_{policy.Mode.name}" if secure else "None"
+        return _Channel(_peer(client.peer_name), name, secure)
+    return None
+
+
+_ClientWrite = Callable[[Any, User], Awaitable[ua.StatusCode]]
+
+
+def _attribute_name(attribute: int) -> str:
+    try:
+        return str(ua.AttributeIds(attribute).name)
+    except ValueError:
+        return str(attribute)
+
+
+def _may_write(user: object) -> bool:
+    """An operator whose session was activated on a secure channel (it had a certificate)."""
+    return (
+        isinstance(user, SessionUser)
+        and user.access == "operator"
+        and user.certificate_id is not None
+    )
+
+
+#: UserAccessLevel as an operator's session reads it on a writable tag.
+_OPERATOR_ACCESS: Final = ua.DataValue(ua.Variant(_READ_WRITE, _VT.Byte))
+
+
+class _WriteGate(AttributeService):  # type: ignore[misc]  # asyncua is Any to mypy
+    """asyncua's AttributeService, except that a client's writes go to ``client_write``.
+
+    asyncua's own check (AccessLevel and UserAccessLevel bits) would store the value in the
+    node, which must show what the machine holds; and its UserAccessLevel is one for all.
+    """
+
+    def __init__(self, aspace: AddressSpace, client_write: _ClientWrite) -> None:
+        super().__init__(aspace)
+        self._client_write = client_write
+
+    async def write(self, params: ua.WriteParameters, user: User) -> list[ua.StatusCode]:
+        if user.role is UserRole.Admin and not isinstance(user, SessionUser):
+            # asyncua's internal session (server-side calls): not a client.
+            return await super().write(params, user)  # type: ignore[no-any-return]
+        # One at a time: two writes in one request are two device round trips in order.
+        return [await self._client_write(wv, user) for wv in params.NodesToWrite]
+
+
 #: Config name -> asyncua's endpoint type. The names are the SecurityPolicy URIs' own.
 _POLICIES: Final[Mapping[str, ua.SecurityPolicyType]] = {
     "Basic256Sha256_Sign": ua.SecurityPolicyType.Basic256Sha256_Sign,
@@ -923,7 +1078,12 @@ class OpcUaSink:
         self.namespace_index = 0
         self._server: Server | None = None
         self._vars: dict[TagKey, _Var] = {}
+        #: NodeId -> spec of each tag with a write rule: the only nodes a client may write.
+        self._writable: dict[ua.NodeId, TagSpec] = {}
         self._devices: list[_DeviceVars] = []
+        self._writes = 0
+        self._writes_refused = 0
+        self._once = _OncePer()
         self._updates = 0
         self._t_start = 0.0
         self._first_value_s: float | None = None
@@ -937,6 +1097,8 @@ class OpcUaSink:
             "variables": 0,
             "refused": 0,
             "certificates_pending": 0,
+            "writes": 0,
+            "writes_refused": 0,
         }
         runtime.health[self.name] = self.health
 
@@ -945,8 +1107,11 @@ class OpcUaSink:
     async def start(self) -> None:
         self._t_start = t0 = time.monotonic()
         self._vars, self._devices, self._first_value_s = {}, [], None
+        self._writable = {}
         server = Server()
         self._server = server
+        server.iserver.attribute_service = _WriteGate(server.iserver.aspace, self._client_write)
+        server.subscribe_server_callback(CallbackType.PostRead, self._on_read)
         # Our own thread rather than the loop's default executor: asyncua would leave an idle
         # pool thread behind for the life of the process; this one is joined before we return.
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="opcua-start")
@@ -1138,6 +1303,9 @@ class OpcUaSink:
         else:
             type_id = ua.ObjectIds.BaseDataVariableType
         nodeid = ua.NodeId(f"{device_id.Identifier}/{spec.name}", ns)
+        writable = spec.write is not None
+        if writable:
+            self._writable[nodeid] = spec
         attr = builder.add_variable(
             nodeid,
             device_id,
@@ -1148,6 +1316,7 @@ class OpcUaSink:
             _DataValue(_NULL, _WAITING, None, datetime.now(UTC)),
             spec.description,
             spec.interval * 1000.0,
+            writable=writable,
         )
         if unit is not None:
             builder.add_variable(
@@ -1295,6 +1464,94 @@ class OpcUaSink:
             var.attr.value = dv
             if var.attr.datachange_callbacks:
                 await _notify(var.attr, dv)
+
+    # -- writes --------------------------------------------------------------------------------
+
+    def _on_read(self, event: ServerItemCallback, dispatcher: object) -> None:
+        """PostRead: a session that may write sees CurrentWrite in a writable tag's
+        UserAccessLevel; everyone else sees the stored, read-only one."""
+        if not self._writable or not _may_write(event.user):
+            return
+        writable = self._writable
+        results = event.response_params
+        for i, rv in enumerate(event.request_params.NodesToRead):
+            if rv.AttributeId == _A.UserAccessLevel and rv.NodeId in writable:
+                results[i] = _OPERATOR_ACCESS
+
+    async def _client_write(self, wv: Any, user: User) -> ua.StatusCode:
+        """One WriteValue of a client session: refused here, or a write through the runtime."""
+        spec = self._writable.get(wv.NodeId)
+        channel = _current_channel(self._server)
+        if spec is None or wv.AttributeId != _A.Value:
+            server = self._server
+            if server is None or wv.NodeId not in server.iserver.aspace:
+                return self._refuse(_SC.BadNodeIdUnknown, wv, user, channel, "no such node")
+            return self._refuse(_SC.BadNotWritable, wv, user, channel, "not writable")
+        if not isinstance(user, SessionUser) or user.access != "operator" or user.name is None:
+            return self._refuse(
+                _SC.BadUserAccessDenied, wv, user, channel, "only operators may write"
+            )
+        # Both: the certificate at activation and the channel of this very request.
+        if user.certificate_id is None or channel is None or not channel.secure:
+            return self._refuse(
+                _SC.BadSecurityModeInsufficient, wv, user, channel, "not on a secure channel"
+            )
+        if wv.IndexRange:
+            return self._refuse(_SC.BadIndexRangeInvalid, wv, user, channel, "an IndexRange")
+        dv = wv.Value
+        status = dv.StatusCode
+        if status is not None and not status.is_good():
+            # A Bad or Uncertain value is no value to put into a machine.
+            return self._refuse(_SC.BadWriteNotSupported, wv, user, channel, "a status")
+        value = dv.Value.Value if dv.Value is not None else None
+        origin = f"opcua {channel.peer} {channel.policy} cert {user.certificate_id}"
+        try:
+            await self._rt.write(spec.key, value, user=user.name, origin=origin)
+        except WriteRefused as exc:
+            # Already logged and audited by the write service.
+            self._count_write(ok=False)
+            return _code(WRITE_STATUS.get(exc.code, _SC.Bad))
+        except Exception:
+            log.exception(
+                "OPC UA: the write of %s by %s from %s failed", spec.key, user.name, origin
+            )
+            self._count_write(ok=False)
+            return _code(_SC.BadInternalError)
+        self._count_write(ok=True)
+        return _GOOD
+
+    def _refuse(
+        self, code: int, wv: Any, user: User, channel: _Channel | None, why: str
+    ) -> ua.StatusCode:
+        self._count_write(ok=False)
+        who = (
+            f"user {user.name!r}"
+            if isinstance(user, SessionUser) and user.name
+            else "an anonymous session"
+        )
+        where = (
+            f"{channel.peer} ({channel.policy})" if channel is not None else "an unknown channel"
+        )
+        node = wv.NodeId.to_string()
+        if self._once(f"{who}|{node}|{code}"):
+            log.warning(
+                "OPC UA: refused a write of %s (attribute %s) by %s from %s: %s; %s",
+                node,
+                _attribute_name(wv.AttributeId),
+                who,
+                where,
+                why,
+                ua.StatusCode(code).name,
+            )
+        return _code(code)
+
+    def _count_write(self, *, ok: bool) -> None:
+        if ok:
+            self._writes += 1
+            self.health["writes"] = self._writes
+        else:
+            self._writes_refused += 1
+            self.health["writes_refused"] = self._writes_refused
 
     # -- device status -------------------------------------------------------------------------
 
