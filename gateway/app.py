@@ -150,6 +150,24 @@ class Gateway:
     def audit_recent(self) -> Sequence[Mapping[str, object]]:
         return self.writes.audit.recent
 
+    def audit_refusal(
+        self, key: str, value: object, *, user: str, origin: str, code: str, detail: str
+    ) -> None:
+        """A write a sink refused before it reached the write service (a reader's session,
+        a malformed command): audited like any refused write."""
+        latest = self.bus.latest.get(key)
+        self.writes.audit.record(
+            {
+                "user": user,
+                "origin": origin,
+                "tag": key,
+                "old": latest.value if latest is not None else None,
+                "requested": value,
+                "result": code,
+                "detail": detail,
+            }
+        )
+
     @property
     def tags(self) -> list[TagSpec]:
         return [t for d in self.drivers for t in d.tags]

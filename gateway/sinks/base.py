@@ -65,6 +65,13 @@ class RuntimeView(Protocol):
         audited; raises WriteRefused with a machine-readable code."""
         ...
 
+    def audit_refusal(
+        self, key: str, value: object, *, user: str, origin: str, code: str, detail: str
+    ) -> None:
+        """Record a write the sink refused itself (before :meth:`write`): the audit shows
+        every attempt. Sinks call it at most once a minute per user, tag and reason."""
+        ...
+
     #: Sink name -> its state for the status page and /metrics, e.g.
     #: ``{"mqtt": {"connected": True, "queued": 0, "published": 1234, "dropped": 0}}``.
     #: Each sink writes only its own entry; that is how sinks learn of each other.

@@ -1190,6 +1190,7 @@ class MqttSink:
             if t.write is not None
         }
         self._commands: set[asyncio.Task[None]] = set()
+        self._bad_commands: dict[str, float] = {}
         self._link = MqttLink(
             runtime,
             section,
@@ -1365,7 +1366,20 @@ class MqttSink:
                 "code": "bad_request",
                 "error": 'the payload must be a JSON object {"value": ..., "id": optional}',
             }
-            log.warning("MQTT: refused %s: not a JSON object with a value", topic)
+            now = time.monotonic()
+            if now - self._bad_commands.get(topic, -math.inf) >= 60:
+                # Once a minute per topic, logged and audited: a publisher in a loop must not
+                # fill the card.
+                self._bad_commands[topic] = now
+                log.warning("MQTT: refused %s: not a JSON object with a value", topic)
+                self.runtime.audit_refusal(
+                    key,
+                    payload[:200].decode("utf-8", "replace"),
+                    user="mqtt",
+                    origin=f"mqtt {self._link.broker} {topic}",
+                    code="bad_request",
+                    detail="not a JSON object with a value",
+                )
         else:
             # MQTT 3.1.1 does not say who published: broker ACLs decide who may write here.
             try:

@@ -1543,6 +1543,20 @@ class OpcUaSink:
                 why,
                 ua.StatusCode(code).name,
             )
+            # Bounded like the log line: a client retrying in a loop must not fill the card.
+            name = user.name if isinstance(user, SessionUser) and user.name else "anonymous"
+            try:
+                requested = wv.Value.Value.Value if wv.Value and wv.Value.Value else None
+            except AttributeError:
+                requested = None
+            self._rt.audit_refusal(
+                node,
+                requested if isinstance(requested, bool | int | float | str) else None,
+                user=name,
+                origin=f"opcua {where}",
+                code=ua.StatusCode(code).name,
+                detail=why,
+            )
         return _code(code)
 
     def _count_write(self, *, ok: bool) -> None:

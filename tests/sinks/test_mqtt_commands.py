@@ -62,9 +62,12 @@ async def test_set_writes_the_machine_and_answers(tmp_path: Path, mosquitto: int
     # Exactly the one valid command reached the machine.
     assert dev.writes == [(Table.HOLDING, 0, [1450])]
     audit = [json.loads(x) for x in (tmp_path / "data" / AUDIT_FILE).read_text().splitlines()]
+    # Every attempt; malformed ones once a minute per topic (the later two are only answered).
     assert [(a["result"], a["user"]) for a in audit] == [
         ("ok", "mqtt"),
         ("out_of_range", "mqtt"),
         ("bad_type", "mqtt"),
+        ("bad_request", "mqtt"),
     ]
+    assert audit[3]["requested"] == "1450"
     assert audit[0]["origin"].endswith(SET)

@@ -206,7 +206,13 @@ async def test_readers_anonymous_and_none_channels_cannot_write(tmp_path: Path) 
                 assert await speed.read_value() == before
         assert sink.health["writes_refused"] == len(attempts)
     assert dev.writes == []
-    assert audit(tmp_path) == []  # never reached the write service
+    # Refused by the sink itself, before the write service: audited all the same.
+    entries = audit(tmp_path)
+    # Once a minute per user, node and reason: the anonymous one on a None channel repeats
+    # the anonymous one before it.
+    assert [e["result"] for e in entries] == [ua.StatusCode(code).name for _, code in attempts[:-1]]
+    assert all(e["tag"].endswith("press/press-plc/speed") for e in entries)
+    assert [e["user"] for e in entries][:2] == ["hmi", "anonymous"]
 
 
 async def read_speed(sink: OpcUaSink, app: App) -> object:
@@ -241,7 +247,7 @@ async def test_guard_rails_answer_with_status_codes_and_write_nothing(tmp_path: 
         ]
         for node, value, code in cases:
             assert await write_status(node, value) == code, (node, value)
-        # Refused before the write service: not audited.
+        # Refused before the write service (audited by the sink).
         early: list[tuple[Any, Any, int]] = [
             # A read-only tag, a device diagnostic, a standard node, a node that is not there.
             (node_of(client, sink, "count"), ua.Variant(1, VT.UInt16), SC.BadNotWritable),
@@ -291,7 +297,18 @@ async def test_guard_rails_answer_with_status_codes_and_write_nothing(tmp_path: 
         assert await write_status(stuck, ua.Variant(200, VT.UInt16)) == SC.BadDeviceFailure
         assert dev.writes[-1] == (Table.HOLDING, 6, [200])
         assert await stuck.read_value() == 0
-    results = [(e["tag"], e["result"]) for e in audit(tmp_path)]
+    entries = audit(tmp_path)
+    early_results = [e["result"] for e in entries if e["result"].startswith("Bad")]
+    assert early_results == [
+        "BadNotWritable",
+        "BadNotWritable",
+        "BadNotWritable",
+        "BadNodeIdUnknown",
+        "BadWriteNotSupported",
+        "BadNotWritable",  # DisplayName
+        "BadIndexRangeInvalid",
+    ]
+    results = [(e["tag"], e["result"]) for e in entries if not e["result"].startswith("Bad")]
     assert results == [
         ("press/speed", "out_of_range"),
         ("press/speed", "out_of_range"),
