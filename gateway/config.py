@@ -147,7 +147,7 @@ class BufferSection(_Section):
         "broker is away (SD card wear); off: tests only.",
     )
     replay_rate: float = Field(
-        default=20_000,
+        default=50_000,
         gt=0,
         le=1_000_000,
         description="Messages per second replayed after an outage, beside the live ones.",

@@ -510,6 +510,15 @@ class Outbox:
 
     # -- state -------------------------------------------------------------------------------
 
+    def replay_allowance(self) -> int:
+        """How many stored messages :meth:`next_replay` would hand out now (window and rate),
+        without taking any: a caller can wait for a whole batch instead of taking crumbs."""
+        room = self.window - self._replay_in_flight
+        if math.isfinite(self.replay_rate):
+            elapsed = self._monotonic() - self._refilled
+            room = min(room, int(min(self._burst, self._tokens + elapsed * self.replay_rate)))
+        return max(0, min(room, self.to_replay))
+
     @property
     def to_replay(self) -> int:
         """Stored messages not yet handed out."""

@@ -163,6 +163,10 @@ MAX_PENDING_ACKS = 1000
 #: The buffer's file in the data directory. Fixed, so that a changed client id or topic
 #: layout never orphans what was buffered under the old one.
 OUTBOX_FILE = "mqtt-outbox.sqlite"
+#: Packets read per readable event before other callbacks get a turn.
+READ_BURST = 4096
+#: The health entry (and the oldest message's age, a SQLite read) at most this often.
+HEALTH_EVERY_S = 0.25
 #: Live messages handed to the connection per step, and replayed ones per step.
 PUMP_CHUNK = 2000
 REPLAY_CHUNK = 500
@@ -1016,23 +1020,32 @@ class MqttLink:
     def _on_socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
         assert self._loop is not None
         self.fd = sock.fileno()
-        if isinstance(sock, ssl.SSLSocket):
-            self._loop.add_reader(self.fd, self._read_tls, client, sock)
-        else:
-            self._loop.add_reader(self.fd, client.loop_read)
+        self._loop.add_reader(self.fd, self._read, client, sock)
 
-    def _read_tls(self, client: mqtt.Client, sock: ssl.SSLSocket) -> None:
-        """loop_read, then what the TLS layer already holds: bytes decrypted from a record
-        that paho did not ask for yet wait in the SSL object, where the event loop cannot
-        see them; without this a PUBACK or command could wait for the next packet."""
-        client.loop_read()
-        for _ in range(1000):
-            if client.socket() is not sock or not sock.pending():
+    def _read(self, client: mqtt.Client, sock: socket.socket) -> None:
+        """Every packet that has arrived, not one per readable event.
+
+        paho's loop_read() reads as many packets as *it* has in flight, and our raw QoS 1
+        publishes are not among them: one PUBACK per event-loop turn (three recv() calls
+        each) capped a replay at ~3,100 msgs/s. Reading until the socket says EAGAIN took
+        it to the replay_rate cap. Under TLS, bytes already decrypted wait in the SSL object
+        where the event loop cannot see them, so EAGAIN with pending() bytes reads on.
+        """
+        for _ in range(READ_BURST):
+            if client.socket() is not sock:
                 return
-            client.loop_read()
-        # Still more: the rest after other callbacks had their turn.
+            rc = client._packet_read()
+            if rc == MQTTErrorCode.MQTT_ERR_AGAIN:
+                if isinstance(sock, ssl.SSLSocket) and sock.pending():
+                    continue
+                return
+            if rc > 0:
+                client._loop_rc_handle(rc)
+                return
+        # Still more: the rest after other callbacks had their turn (a plain socket stays
+        # readable for the selector; TLS bytes may sit in the SSL object).
         if self._loop is not None and client.socket() is sock:
-            self._loop.call_soon(self._read_tls, client, sock)
+            self._loop.call_soon(self._read, client, sock)
 
     def _on_socket_close(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
         # At once, not when _maintain wakes up: a batch in between must be kept by the user,
@@ -1179,6 +1192,8 @@ class MqttSink:
         self._acks_scheduled = False
         self._topic_parts: dict[str, bytes] = {}
         self._replay_wake = asyncio.Event()
+        self._replayed_topics: set[str] = set()
+        self._health_at = -math.inf
         self._steps_seen = runtime.clock.step_count
         self._replay_task: asyncio.Task[None] | None = None
         self._status_sent: dict[str, bytes] = {}
@@ -1237,7 +1252,7 @@ class MqttSink:
         try:
             while (batch := await sub.get()) is not None:
                 handle(batch)
-                self._update_health()
+                self._update_health(force=False)
         finally:
             watcher.cancel()
             await asyncio.wait([watcher])
@@ -1534,10 +1549,20 @@ class MqttSink:
         if out:
             self._offer(out)
 
-    def _publish_all(self) -> None:
-        """Every tag's latest value, as if it had changed: after a (re)connect."""
+    def _publish_all(self, topics: set[str] | None = None) -> None:
+        """Every tag's latest value (or those of ``topics``), as if it had changed: after a
+        (re)connect, and after a replay."""
         latest = self.runtime.bus.latest
-        batch = [latest[key] for key in self._tags if key in latest]
+        tags = self._tags
+        if topics is None:
+            batch = [latest[key] for key in tags if key in latest]
+        else:
+            batch = [
+                latest[key]
+                for key, tag in tags.items()
+                if key in latest
+                and (tag.topic in topics or self._device_topics.get(tag.device) in topics)
+            ]
         if self._per_device:
             by_device: dict[str, list[Reading]] = {}
             for reading in batch:
@@ -1596,6 +1621,10 @@ class MqttSink:
         paho, whose per-message bookkeeping costs ~19 us); the PUBACK hook hands the id back.
         """
         link = self._link
+        replayed = self._replayed_topics
+        for s in stored:
+            if s.historical:
+                replayed.add(s.message.topic)
         data, mids = encode_publishes(stored, link.next_mid, self._topic_parts, v5=link.v5)
         self._in_flight.update(mids)
         link.queue_raw(data, len(stored))
@@ -1623,22 +1652,29 @@ class MqttSink:
                     await wake.wait()
             wake.clear()
             self._rebase_on_steps()
-            replayed = False
+            # At least every half second, so an idle sink's page is current too.
+            self._update_health(force=False)
             while self._connected and box.to_replay > 0 and not self._link.backlogged():
                 n = self._link.room(REPLAY_CHUNK) if self._qos_values else REPLAY_CHUNK
+                # Whole chunks: one or two messages per turn (what a spent token bucket or
+                # a window freed by single acks allows) pay a batch's fixed cost each.
+                want = min(REPLAY_CHUNK, box.to_replay)
+                if min(n, box.replay_allowance()) < min(want, self._link.room(want)):
+                    await asyncio.sleep(0.005)
+                    continue
                 batch = box.next_replay(n)
                 if not batch:
-                    # The rate limit or the in-flight window: acks and time make room.
-                    await asyncio.sleep(0.01)
+                    await asyncio.sleep(0.005)
                     continue
                 self._send(batch)
-                replayed = True
-                self._update_health()
+                self._update_health(force=False)
                 await asyncio.sleep(0)
-            if replayed and box.to_replay == 0 and self._connected:
-                # Replayed values are not retained, so what went to disk while connected
-                # (a slow broker) left retained topics behind the newest value: restate.
-                self._publish_all()
+            if self._replayed_topics and box.to_replay == 0 and self._connected:
+                # Replayed values are not retained, so the retained topics of what went to
+                # disk may be behind the newest value: restate those (not every tag: a small
+                # overflow under load must not be answered with 10,000 more messages).
+                topics, self._replayed_topics = self._replayed_topics, set()
+                self._publish_all(topics)
 
     async def _flush(self, seconds: float) -> None:
         """Wait (bounded) until every live message handed over is written and acknowledged."""
@@ -1689,7 +1725,12 @@ class MqttSink:
 
     # -- health --------------------------------------------------------------------------
 
-    def _update_health(self) -> None:
+    def _update_health(self, *, force: bool = True) -> None:
+        if not force:
+            now = time.monotonic()
+            if now - self._health_at < HEALTH_EVERY_S:
+                return
+            self._health_at = now
         h = self._health
         link = self._link
         st = self._outbox.stats
