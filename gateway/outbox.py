@@ -38,8 +38,9 @@ Bounds. Memory: at most ``window`` live messages (pending plus in flight) and ``
 replayed ones in flight. Disk: at most ``max_bytes`` of topic and payload bytes after every
 write; ``when_full="drop_oldest"`` (default) deletes the lowest ids until the store fits,
 in-flight rows included (they may still arrive: counted as dropped all the same), and
-``"drop_newest"`` refuses what no longer fits, from the first message that does not (so
-what is stored has no gaps). Age: a message whose source timestamp is older than
+``"drop_newest"`` refuses what no longer fits, from the first message that does not, and
+everything after it until the store is down to half of ``max_bytes`` again (so what is
+refused is one contiguous run, and what is stored has no holes in it). Age: a message whose source timestamp is older than
 ``max_age_s`` is dropped at put, spill and hand-out. Messages stamped before the clock was
 synchronised (``clock_synced=False``; no RTC) are exempt from the age bound: when NTP steps
 the clock by years they would all look expired. ``rebase(offset_ms)`` shifts them by the
@@ -124,6 +125,9 @@ SCHEMA_VERSION = 1
 #: Acked stored rows are deleted in transactions of this many (or when the store empties):
 #: fewer writes to the card, at the price of this many duplicates after a crash.
 DELETE_BATCH = 256
+#: drop_newest takes messages again once the store is down to this share of max_bytes:
+#: one contiguous run is refused, not every other message while it hovers at the bound.
+REFILL_AT = 0.5
 #: How long open() waits for another process's lock: a predecessor that is just exiting.
 LOCK_TIMEOUT = 1.0
 #: A WAL file grows to its largest transaction and is reused; cap what it keeps afterwards.
@@ -233,6 +237,8 @@ class Outbox:
         self._saved_next_id = 1
         self._unsynced_on_disk = False
         self._session_first_id = 1
+        #: drop_newest has refused since the store was last below REFILL_AT of max_bytes.
+        self._refusing = False
         self._tokens = self._burst
         self._refilled = 0.0
         self._once = OnceLogger(log, f"outbox {self.path}")
@@ -592,15 +598,22 @@ class Outbox:
         refused = aged = 0
         unsynced = False
         newest = self.when_full == "drop_newest"
+        if self._refusing and self._stored_bytes <= self.max_bytes * REFILL_AT:
+            self._refusing = False
         for s in fresh:
             m = s.message
             if m.ts_ms < cutoff and m.clock_synced:
                 aged += 1
                 continue
             n = _size(m)
-            # Once one is refused, so is every later one: what is stored has no gaps.
-            if newest and (refused or self._stored_bytes + size + n > self.max_bytes):
+            # Once one is refused, so is every later one, across puts, until the store has
+            # emptied to REFILL_AT: a smaller later message that would still fit must not
+            # leave holes between what was kept (ids 1, 2, 4).
+            if newest and (
+                refused or self._refusing or self._stored_bytes + size + n > self.max_bytes
+            ):
                 refused += 1
+                self._refusing = True
                 continue
             size += n
             unsynced = unsynced or not m.clock_synced

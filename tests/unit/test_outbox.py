@@ -523,3 +523,18 @@ def test_random_operations_lose_nothing_uncounted(db: Path, seed: int) -> None:
         assert acked + o.stats["acked"] == len(acked_numbers)
     else:
         assert acked + o.stats["acked"] <= len(acked_numbers)
+
+
+def test_drop_newest_refuses_one_contiguous_run_not_every_other_message(db: Path) -> None:
+    # 100-byte messages fill a 250-byte store after two; a later 10-byte one would still fit,
+    # but storing it would leave a hole (1, 2, 4).
+    sizes = [100, 100, 100, 10, 10]
+    with box(db, max_bytes=250, when_full="drop_newest") as o:
+        for i, size in enumerate(sizes):
+            o.put([msg(i, size=size)], deliverable=False)
+        assert seq(o.next_replay(10)) == [0, 1]
+        assert o.stats["dropped_full"] == 3
+        # Drained (acked) below half of max_bytes: it takes messages again.
+        o.acked([1, 2])
+        o.put([msg(5, size=100)], deliverable=False)
+        assert seq(o.next_replay(10)) == [5]
