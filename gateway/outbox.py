@@ -40,8 +40,8 @@ write; ``when_full="drop_oldest"`` (default) deletes the lowest ids until the st
 in-flight rows included (they may still arrive: counted as dropped all the same), and
 ``"drop_newest"`` refuses what no longer fits, from the first message that does not, and
 everything after it until the store is down to half of ``max_bytes`` again (so what is
-refused is one contiguous run, and what is stored has no holes in it). Age: a message whose source timestamp is older than
-``max_age_s`` is dropped at put, spill and hand-out. Messages stamped before the clock was
+refused is one contiguous run, and what is stored has no holes in it). Age: a message whose
+source timestamp is older than ``max_age_s`` is dropped at put, spill and hand-out. Messages stamped before the clock was
 synchronised (``clock_synced=False``; no RTC) are exempt from the age bound: when NTP steps
 the clock by years they would all look expired. ``rebase(offset_ms)`` shifts them by the
 measured step, marks them synchronised and records the shift in ``rebased_ms`` so the sink
