@@ -41,13 +41,14 @@ in-flight rows included (they may still arrive: counted as dropped all the same)
 ``"drop_newest"`` refuses what no longer fits, from the first message that does not, and
 everything after it until the store is down to half of ``max_bytes`` again (so what is
 refused is one contiguous run, and what is stored has no holes in it). Age: a message whose
-source timestamp is older than ``max_age_s`` is dropped at put, spill and hand-out. Messages stamped before the clock was
-synchronised (``clock_synced=False``; no RTC) are exempt from the age bound: when NTP steps
-the clock by years they would all look expired. ``rebase(offset_ms)`` shifts them by the
-measured step, marks them synchronised and records the shift in ``rebased_ms`` so the sink
-can patch the timestamp inside the payload when it replays them. Every drop is counted by
-cause in ``stats``: ``dropped_full``, ``dropped_age``, ``dropped_io`` (a write failed: disk
-full, card gone read-only; the messages of that write are lost, and said so once in the log).
+source timestamp is older than ``max_age_s`` is dropped at put, spill and hand-out. Messages
+stamped before the clock was synchronised (``clock_synced=False``; no RTC) are exempt from
+the age bound: when NTP steps the clock by years they would all look expired.
+``rebase(offset_ms)`` shifts them by the measured step, marks them synchronised and records
+the shift in ``rebased_ms`` so the sink can patch the timestamp inside the payload when it
+replays them. Every drop is counted by cause in ``stats``: ``dropped_full``,
+``dropped_age``, ``dropped_io`` (a write failed: disk full, card gone read-only; the
+messages of that write are lost, and said so once in the log).
 
 The file is never wiped: opening an existing outbox keeps its rows and continues ids above
 any id ever handed out before the last write (``meta.next_id``). ``meta.schema_version``
