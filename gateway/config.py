@@ -132,7 +132,10 @@ class BufferSection(_Section):
     cannot be delivered, and replayed oldest first once it can (see gateway/outbox.py)."""
 
     max_mb: float = Field(
-        default=64, gt=0, le=100_000, description="Disk space for undelivered messages, MB."
+        default=256,
+        gt=0,
+        le=100_000,
+        description="Disk space for undelivered messages, MB (~175 B each on disk).",
     )
     max_age_h: float = Field(
         default=168, gt=0, le=87_600, description="Older undelivered messages are dropped, h."
