@@ -91,6 +91,34 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_asyncapi(args: argparse.Namespace) -> int:
+    from gateway import asyncapi  # noqa: PLC0415 - only this command needs it
+
+    try:
+        loaded = load_config(args.config)
+    except ConfigError as err:
+        _print_config_error(args.config, err)
+        return EXIT_CONFIG
+    if loaded.config.mqtt is None and loaded.config.sparkplug is None:
+        print(f"{args.config}: no mqtt: or sparkplug: section; no MQTT interface", file=sys.stderr)
+        return EXIT_CONFIG
+    doc = asyncapi.build(loaded.config, Gateway(loaded).tags)
+    out = args.output
+    as_json = args.format == "json" or (args.format is None and str(out).endswith(".json"))
+    if as_json:
+        text = json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
+    else:
+        import yaml  # noqa: PLC0415
+
+        text = yaml.safe_dump(doc, sort_keys=False, allow_unicode=True, width=100)
+    if out in (None, "-"):
+        sys.stdout.write(text)
+    else:
+        Path(out).write_text(text, encoding="utf-8")
+        print(f"{out}: AsyncAPI {doc['asyncapi']}, {len(doc['channels'])} channels")
+    return EXIT_OK
+
+
 def _fmt_value(value: object) -> str:
     if value is None:
         return "-"
@@ -549,6 +577,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("schema", help="print the config's JSON Schema (for editors)")
     s.set_defaults(func=cmd_schema)
+
+    s = sub.add_parser(
+        "asyncapi",
+        help="print the AsyncAPI 3.0 document of a config's MQTT topics",
+        description="The MQTT interface of this installation (every topic, payload schema, "
+        "QoS and retain) as an AsyncAPI 3.0 document, for an MES team's tools.",
+    )
+    s.add_argument("config")
+    s.add_argument("-o", "--output", help="write to this file (default stdout)")
+    s.add_argument(
+        "--format", choices=["yaml", "json"], help="default yaml; json for a *.json --output"
+    )
+    s.set_defaults(func=cmd_asyncapi)
 
     s = sub.add_parser("run", help="run the gateway")
     s.add_argument("config")
