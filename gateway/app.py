@@ -189,13 +189,23 @@ class Gateway:
                     log.info("plan %s", line)
 
     async def run(
-        self, stop: asyncio.Event, sinks: Sequence[Sink | tuple[str, SinkFn]] = ()
+        self,
+        stop: asyncio.Event,
+        sinks: Sequence[Sink | tuple[str, SinkFn]] = (),
+        *,
+        on_started: Callable[[Sequence[Sink]], None] | None = None,
     ) -> None:
-        """Run until ``stop`` is set. A device error never ends this; a bug does, loudly."""
+        """Run until ``stop`` is set. A device error never ends this; a bug does, loudly.
+
+        ``on_started`` is called once every sink has started, before the first poll: the
+        moment a service manager may be told the gateway is ready.
+        """
         started = [s if not isinstance(s, tuple) else FunctionSink(*s) for s in sinks]
         self.log_plan()
         try:
             await self._start_sinks(started)
+            if on_started is not None:
+                on_started(started)
             # Everything built so far (the compiled plan, OPC UA's address space: over 500k
             # objects with 10k tags) lives until shutdown. Freezing it keeps the collector from
             # re-scanning it on every full collection while values churn.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import getpass
 import json
 import logging
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import gateway
 from drivers.base import Describable
 from drivers.modbus.simulator import serve
-from gateway import certs
+from gateway import certs, service
 from gateway.app import FunctionSink, Gateway, build_sinks, log_sink
 from gateway.auth import hash_password
 from gateway.config import LoadedConfig, MqttSection, json_schema, load_config
@@ -281,7 +282,9 @@ def _install_signals(stop: asyncio.Event) -> None:
         loop.add_signal_handler(sig, stop.set)
 
 
-async def _run_gateway(loaded: LoadedConfig, stop: asyncio.Event) -> None:
+async def _run_gateway(
+    loaded: LoadedConfig, stop: asyncio.Event, on_started: service.OnStarted | None = None
+) -> None:
     gw = Gateway(loaded)
     log.info(
         "retrofit-gw %s: %d device(s), %d tag(s) from %s",
@@ -294,7 +297,8 @@ async def _run_gateway(loaded: LoadedConfig, stop: asyncio.Event) -> None:
     if not sinks:
         log.info("no mqtt/opcua/web section in the config: readings go to the log")
         sinks = [FunctionSink("log", log_sink)]
-    await gw.run(stop, sinks)
+    started = None if on_started is None else functools.partial(on_started, gw)
+    await gw.run(stop, sinks, on_started=started)
 
 
 def _run_main(main: Callable[[], Coroutine[Any, Any, None]]) -> int:
@@ -320,7 +324,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     async def main() -> None:
         stop = asyncio.Event()
         _install_signals(stop)
-        await _run_gateway(loaded, stop)
+        # systemd notifications, the watchdog and SIGHUP reloads: see gateway.service.
+        await service.serve(args.config, loaded, stop, _run_gateway)
 
     return _run_main(main)
 
