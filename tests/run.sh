@@ -4,8 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Real peers the tests start themselves come from Debian packages.
-APT_PACKAGES=(socat mosquitto mosquitto-clients chromium)
+# Real peers the tests start themselves come from Debian packages (systemd: systemd-analyze verify
+# for deploy/retrofit-gateway.service; installing it starts nothing where systemd is not init).
+APT_PACKAGES=(socat mosquitto mosquitto-clients chromium systemd)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
