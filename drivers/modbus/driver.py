@@ -14,8 +14,8 @@ if TYPE_CHECKING:
 
 import asyncio
 import logging
-from collections.abc import Hashable, Sequence
-from typing import NamedTuple, cast
+from collections.abc import Awaitable, Callable, Hashable, Sequence
+from typing import NamedTuple, TypeVar, cast
 
 from drivers.latency_timer import LatencyTimer, tune_latency_timer
 from drivers.modbus.config import (
@@ -45,6 +45,8 @@ from gateway.model import RawSample, ReadGroup, Reason, TagSpec, Value, WriteRul
 __all__ = ["ModbusRtuDriver", "ModbusRtuOverTcpDriver", "ModbusTcpDriver"]
 
 log = logging.getLogger("drivers.modbus")
+
+T = TypeVar("T")
 
 _new = tuple.__new__
 _OK = Reason.NONE
@@ -167,13 +169,14 @@ class _ModbusDriver:
     def requests_per_cycle(self) -> int:
         return sum(len(p) for p in self._plans)
 
-    async def _transfer(self, request: Request) -> list[int] | list[bool]:
+    async def _read(self, table: Table, address: int, count: int) -> list[int] | list[bool]:
+        """One read request on the wire: a poll's, or a write's read-back."""
         raise NotImplementedError
+
+    async def _transfer(self, request: Request) -> list[int] | list[bool]:
+        return await self._read(request.table, request.start, request.count)
 
     async def _write_transfer(self, table: Table, address: int, data: list[int] | bool) -> None:
-        raise NotImplementedError
-
-    async def _read_back(self, table: Table, address: int, count: int) -> list[int] | list[bool]:
         raise NotImplementedError
 
     async def write(self, tag: int, value: Value) -> Value:
@@ -189,12 +192,12 @@ class _ModbusDriver:
             if not isinstance(value, bool):
                 raise TypeError(f"value {value!r} is not a bool")
             await self._write_transfer(w.table, w.address, value)
-            bits = await self._read_back(w.table, w.address, 1)
+            bits = await self._read(w.table, w.address, 1)
             return bool(bits[0])
         count = w.width if w.type is DataType.STRING else None
         registers = encode(w.type, w.order, value, count=count, bit=w.bit)
         await self._write_transfer(w.table, w.address, registers)
-        back = await self._read_back(w.table, w.address, w.width)
+        back = await self._read(w.table, w.address, w.width)
         return decode(w.type, w.order, [int(r) for r in back], bit=w.bit)
 
     async def _read_group(self, group: int) -> list[RawSample]:
@@ -297,8 +300,8 @@ class ModbusTcpDriver(_ModbusDriver):
             name=device.name,
         )
 
-    async def _transfer(self, request: Request) -> list[int] | list[bool]:
-        return await self.transport.read(request.table, request.start, request.count)
+    async def _read(self, table: Table, address: int, count: int) -> list[int] | list[bool]:
+        return await self.transport.read(table, address, count)
 
     # pymodbus runs one request at a time per client, so a write waits behind a poll.
     async def _write_transfer(self, table: Table, address: int, data: list[int] | bool) -> None:
@@ -306,9 +309,6 @@ class ModbusTcpDriver(_ModbusDriver):
             await self.transport.write_coil(address, data)
         else:
             await self.transport.write_registers(address, data)
-
-    async def _read_back(self, table: Table, address: int, count: int) -> list[int] | list[bool]:
-        return await self.transport.read(table, address, count)
 
     # -- Driver --------------------------------------------------------------------------
 
@@ -430,56 +430,30 @@ class _SharedLineDriver(_ModbusDriver):
     def _line_name(self) -> str:
         raise NotImplementedError
 
-    async def _transfer(self, request: Request) -> list[int] | list[bool]:
+    async def _on_line(self, fn: Callable[[ClientTransport], Awaitable[T]]) -> T:
+        """``fn`` (one request to our unit) alone on the line, through its owner."""
         owner = self._owner
         if owner is None:
             raise ConnectionLost(f"{self.name}: not connected")
         link = owner.link
         assert isinstance(link, ClientTransport)
         _, _, _, gap = self._line()
-        timeout = self.device.timeout
-        return await owner.transaction(
-            lambda: link.read(
-                request.table,
-                request.start,
-                request.count,
-                unit_id=self.unit_id,
-                response_timeout=timeout,
-            ),
-            gap=gap,
+        return await owner.transaction(lambda: fn(link), gap=gap)
+
+    async def _read(self, table: Table, address: int, count: int) -> list[int] | list[bool]:
+        unit, timeout = self.unit_id, self.device.timeout
+        return await self._on_line(
+            lambda link: link.read(table, address, count, unit_id=unit, response_timeout=timeout)
         )
 
     async def _write_transfer(self, table: Table, address: int, data: list[int] | bool) -> None:
-        owner = self._owner
-        if owner is None:
-            raise ConnectionLost(f"{self.name}: not connected")
-        link = owner.link
-        assert isinstance(link, ClientTransport)
-        _, _, _, gap = self._line()
         unit = self.unit_id
         if isinstance(data, bool):
             flag = data
-            await owner.transaction(lambda: link.write_coil(address, flag, unit_id=unit), gap=gap)
+            await self._on_line(lambda link: link.write_coil(address, flag, unit_id=unit))
         else:
             regs = data
-            await owner.transaction(
-                lambda: link.write_registers(address, regs, unit_id=unit), gap=gap
-            )
-
-    async def _read_back(self, table: Table, address: int, count: int) -> list[int] | list[bool]:
-        owner = self._owner
-        if owner is None:
-            raise ConnectionLost(f"{self.name}: not connected")
-        link = owner.link
-        assert isinstance(link, ClientTransport)
-        _, _, _, gap = self._line()
-        timeout = self.device.timeout
-        return await owner.transaction(
-            lambda: link.read(
-                table, address, count, unit_id=self.unit_id, response_timeout=timeout
-            ),
-            gap=gap,
-        )
+            await self._on_line(lambda link: link.write_registers(address, regs, unit_id=unit))
 
 
 class ModbusRtuDriver(_SharedLineDriver):
