@@ -122,6 +122,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
 from gateway.bus import Subscription
+from gateway.clock import ClockWatch
 from gateway.config import BrokerSection, MqttSection
 from gateway.errors import WriteRefused
 from gateway.logutil import OnceLogger
@@ -137,6 +138,8 @@ __all__ = [
     "MqttSink",
     "Will",
     "encode_publishes",
+    "rebase_buffer",
+    "replay_stored",
     "value_json",
     "wait_until",
 ]
@@ -1146,6 +1149,47 @@ class MqttLink:
         self.user.link_message(message.topic, bytes(message.payload))
 
 
+async def replay_stored(
+    box: Outbox,
+    link: MqttLink,
+    *,
+    qos: int,
+    may_send: Callable[[], bool],
+    send: Callable[[list[Stored]], None],
+    sent: Callable[[], None],
+) -> None:
+    """Hand what waits on disk to ``send``, oldest first, while ``may_send()``: the replay
+    of every sink with a buffer (UNS values, Sparkplug DDATA).
+
+    Whole chunks: one or two messages per turn (what a spent token bucket or a window freed
+    by single acks allows) pay a batch's fixed cost each; measured by bench/outage.py.
+    """
+    while box.to_replay > 0 and may_send():
+        n = link.room(REPLAY_CHUNK) if qos else REPLAY_CHUNK
+        want = min(REPLAY_CHUNK, box.to_replay)
+        if min(n, box.replay_allowance()) < min(want, link.room(want)):
+            await asyncio.sleep(0.005)
+            continue
+        batch = box.next_replay(n)
+        if not batch:
+            await asyncio.sleep(0.005)
+            continue
+        send(batch)
+        sent()
+        await asyncio.sleep(0)
+
+
+def rebase_buffer(clock: ClockWatch, seen: int, box: Outbox, what: str) -> int:
+    """Shift what ``box`` holds stamped before the clock was set by each step measured since
+    step number ``seen``; returns the new ``seen`` (each step applied once)."""
+    new = clock.step_count - seen
+    if new > 0:
+        for step in list(clock.steps)[-new:]:
+            log.info("%s: clock stepped by %+.3f s: re-basing it", what, step.delta)
+            box.rebase(round(step.delta * 1000))
+    return clock.step_count
+
+
 async def wait_until(done: Callable[[], bool], seconds: float) -> bool:
     """Poll ``done`` every 10 ms for up to ``seconds``; what it returned last."""
     deadline = time.monotonic() + seconds
@@ -1582,16 +1626,9 @@ class MqttSink:
         return self.runtime.clock.synced is not False
 
     def _rebase_on_steps(self) -> None:
-        """Shift what was stamped before the clock was set by each step measured since."""
-        clock = self.runtime.clock
-        new = clock.step_count - self._steps_seen
-        if new <= 0:
-            return
-        self._steps_seen = clock.step_count
-        for step in list(clock.steps)[-new:]:
-            offset_ms = round(step.delta * 1000)
-            log.info("MQTT: clock stepped by %+.3f s: re-basing buffered readings", step.delta)
-            self._outbox.rebase(offset_ms)
+        self._steps_seen = rebase_buffer(
+            self.runtime.clock, self._steps_seen, self._outbox, "MQTT buffer"
+        )
 
     # -- the buffer and the wire ---------------------------------------------------------
 
@@ -1657,21 +1694,14 @@ class MqttSink:
             self._rebase_on_steps()
             # At least every half second, so an idle sink's page is current too.
             self._update_health(force=False)
-            while self._connected and box.to_replay > 0 and not self._link.backlogged():
-                n = self._link.room(REPLAY_CHUNK) if self._qos_values else REPLAY_CHUNK
-                # Whole chunks: one or two messages per turn (what a spent token bucket or
-                # a window freed by single acks allows) pay a batch's fixed cost each.
-                want = min(REPLAY_CHUNK, box.to_replay)
-                if min(n, box.replay_allowance()) < min(want, self._link.room(want)):
-                    await asyncio.sleep(0.005)
-                    continue
-                batch = box.next_replay(n)
-                if not batch:
-                    await asyncio.sleep(0.005)
-                    continue
-                self._send(batch)
-                self._update_health(force=False)
-                await asyncio.sleep(0)
+            await replay_stored(
+                box,
+                self._link,
+                qos=self._qos_values,
+                may_send=lambda: self._connected and not self._link.backlogged(),
+                send=self._send,
+                sent=lambda: self._update_health(force=False),
+            )
             if self._replayed_topics and box.to_replay == 0 and self._connected:
                 # Replayed values are not retained, so the retained topics of what went to
                 # disk may be behind the newest value: restate those (not every tag: a small

@@ -65,7 +65,15 @@ from gateway.model import Reading, TagKey, TagSpec
 from gateway.outbox import Message, Outbox, Stored
 from gateway.runner import Backoff
 from gateway.sinks.base import RuntimeView
-from gateway.sinks.mqtt import HEALTH_EVERY_S, MqttLink, Will, encode_publishes, wait_until
+from gateway.sinks.mqtt import (
+    HEALTH_EVERY_S,
+    MqttLink,
+    Will,
+    encode_publishes,
+    rebase_buffer,
+    replay_stored,
+    wait_until,
+)
 from gateway.sparkplug import (
     NAMESPACE,
     DataType,
@@ -86,9 +94,8 @@ log = logging.getLogger("gateway.sinks.sparkplug")
 
 #: The buffer's file in the data directory; fixed, like the UNS sink's.
 OUTBOX_FILE = "sparkplug-outbox.sqlite"
-#: Live DDATA handed to the connection per step, and replayed ones per step.
+#: Live DDATA handed to the connection per step (replay chunks: mqtt.REPLAY_CHUNK).
 PUMP_CHUNK = 2000
-REPLAY_CHUNK = 500
 #: How long the end of run() waits for queued DDATA to be written and acknowledged.
 FLUSH_TIMEOUT = 5.0
 #: A device in these states has (or gets) a DBIRTH; in the others a DDEATH. A device not yet
@@ -591,34 +598,21 @@ class SparkplugSink:
             self._rebase_on_steps()
             # At least every half second, so an idle sink's page is current too.
             self._update_health(force=False)
-            while box.to_replay > 0 and self._deliverable():
-                n = self._link.room(REPLAY_CHUNK) if self._qos else REPLAY_CHUNK
-                # Whole chunks, as in the MQTT sink: crumbs of one or two messages per turn
-                # each pay a batch's fixed cost (measured there by bench/outage.py).
-                want = min(REPLAY_CHUNK, box.to_replay)
-                if min(n, box.replay_allowance()) < min(want, self._link.room(want)):
-                    await asyncio.sleep(0.005)
-                    continue
-                batch = box.next_replay(n)
-                if not batch:
-                    await asyncio.sleep(0.005)
-                    continue
-                self._send(batch)
-                self._update_health(force=False)
-                await asyncio.sleep(0)
+            await replay_stored(
+                box,
+                self._link,
+                qos=self._qos,
+                may_send=self._deliverable,
+                send=self._send,
+                sent=lambda: self._update_health(force=False),
+            )
             if self._deaths_waiting:
                 self._sync_devices()
 
     def _rebase_on_steps(self) -> None:
-        """Shift what was stamped before the clock was set by each step measured since."""
-        clock = self.runtime.clock
-        new = clock.step_count - self._steps_seen
-        if new <= 0:
-            return
-        self._steps_seen = clock.step_count
-        for step in list(clock.steps)[-new:]:
-            log.info("Sparkplug: clock stepped by %+.3f s: re-basing buffered DDATA", step.delta)
-            self._outbox.rebase(round(step.delta * 1000))
+        self._steps_seen = rebase_buffer(
+            self.runtime.clock, self._steps_seen, self._outbox, "Sparkplug DDATA buffer"
+        )
 
     async def _flush(self, seconds: float) -> None:
         """Wait (bounded) until every live DDATA handed over is written and acknowledged."""
