@@ -153,20 +153,9 @@ class Gateway:
     def audit_refusal(
         self, key: str, value: object, *, user: str, origin: str, code: str, detail: str
     ) -> None:
-        """A write a sink refused before it reached the write service (a reader's session,
-        a malformed command): audited like any refused write."""
-        latest = self.bus.latest.get(key)
-        self.writes.audit.record(
-            {
-                "user": user,
-                "origin": origin,
-                "tag": key,
-                "old": latest.value if latest is not None else None,
-                "requested": value,
-                "result": code,
-                "detail": detail,
-            }
-        )
+        """For sinks, which see the runtime and not the write service: see
+        :meth:`WriteService.audit_refusal`."""
+        self.writes.audit_refusal(key, value, user=user, origin=origin, code=code, detail=detail)
 
     @property
     def tags(self) -> list[TagSpec]:

@@ -121,21 +121,35 @@ class WriteService:
         spec = self._specs.get(key)
         return spec is not None and spec.write is not None
 
-    async def write(self, key: TagKey, value: object, *, user: str, origin: str) -> WriteResult:
-        """Validate, write, read back and audit; raises WriteRefused (already audited)."""
+    def _attempt(self, key: TagKey, value: object, *, user: str, origin: str) -> dict[str, object]:
+        """The audit entry's common part: who, from where, which tag, its value before."""
         previous = self._latest.get(key)
-        old = previous.value if previous is not None else None
-        base: dict[str, object] = {
+        return {
             "user": user,
             "origin": origin,
             "tag": key,
-            "old": old,
+            "old": previous.value if previous is not None else None,
             "requested": value,
         }
+
+    def audit_refusal(
+        self, key: TagKey, value: object, *, user: str, origin: str, code: str, detail: str
+    ) -> None:
+        """Audit a write a sink refused before it reached :meth:`write` (a reader's session, a
+        malformed command), in the same shape as a refusal here."""
+        self._record_refusal(self._attempt(key, value, user=user, origin=origin), code, detail)
+
+    def _record_refusal(self, attempt: dict[str, object], code: str, detail: str) -> None:
+        self.audit.record({**attempt, "result": code, "detail": detail})
+
+    async def write(self, key: TagKey, value: object, *, user: str, origin: str) -> WriteResult:
+        """Validate, write, read back and audit; raises WriteRefused (already audited)."""
+        base = self._attempt(key, value, user=user, origin=origin)
+        old = base["old"]
         try:
             result = await self._write(key, value)
         except WriteRefused as exc:
-            self.audit.record({**base, "result": exc.code, "detail": str(exc)})
+            self._record_refusal(base, exc.code, str(exc))
             log.warning("write %s = %r by %s from %s refused: %s", key, value, user, origin, exc)
             raise
         self.audit.record({**base, "result": "ok", "read_back": result.read_back})

@@ -251,3 +251,19 @@ def test_writable_config_is_checked(tmp_path: Path, tag: dict[str, Any], message
     with pytest.raises(ConfigError) as info:
         load_config(path)
     assert message in str(info.value), str(info.value)
+
+
+async def test_a_sinks_own_refusal_is_audited_like_a_refused_write(tmp_path: Path) -> None:
+    """WriteService builds every audit entry: a refusal the sink made itself (a read-only
+    session, a malformed command) has the same keys as one the service made."""
+    gw = Gateway(config(tmp_path, [tcp_device(free_port())]))
+    with pytest.raises(WriteRefused):
+        await gw.write("press/mode", 3, user="op", origin="opcua 10.0.0.5")
+    gw.audit_refusal(
+        "press/mode", 2, user="op", origin="opcua 10.0.0.5", code="forbidden", detail="reader"
+    )
+    service, sink = audit(tmp_path)
+    assert service.keys() == sink.keys()
+    assert (sink["result"], sink["detail"], sink["requested"]) == ("forbidden", "reader", 2)
+    assert sink["old"] is None
+    assert list(gw.audit_recent)[-1] == sink
