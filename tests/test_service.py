@@ -10,6 +10,7 @@ import asyncio
 import inspect
 import itertools
 import json
+import logging
 import os
 import signal
 import socket
@@ -21,6 +22,7 @@ from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import yaml
 
@@ -30,6 +32,7 @@ from drivers.modbus.transport import RegisterServer
 from gateway import service
 from gateway.app import Gateway
 from gateway.config import GatewayConfig, LoadedConfig, load_config
+from gateway.errors import GatewayError
 from gateway.service import ConfigSummary, OnStarted, describe_changes
 from gateway.systemd import Notifier, format_message, watchdog_interval
 from tests.conftest import free_port
@@ -201,6 +204,151 @@ async def test_serve_reloads_in_one_task_tree_and_leaves_nothing_behind(tmp_path
     assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
 
 
+class _Recorder(Notifier):
+    """Every notification, whole, instead of a datagram."""
+
+    def __init__(self) -> None:
+        super().__init__(None)
+        self.sent: list[dict[str, str | int]] = []
+
+    def send(self, **fields: str | int) -> bool:
+        self.sent.append(fields)
+        return True
+
+    def keys(self) -> list[str]:
+        return [next(iter(m)) for m in self.sent]
+
+
+def _cannot_listen() -> ExceptionGroup[GatewayError]:
+    # What Gateway.run raises when a sink does not start: its TaskGroup's group.
+    return ExceptionGroup(
+        "unhandled errors in a TaskGroup",
+        [GatewayError("web: cannot listen on 127.0.0.1:8081: Address already in use")],
+    )
+
+
+async def _until_in_process(what: Callable[[], bool], about: object) -> None:
+    for _ in range(300):
+        if what():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(about)
+
+
+async def test_serve_restores_the_previous_config_when_a_reload_does_not_start(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.service")
+    config = tmp_path / "gateway.yaml"
+    _write_config(config, free_port(), [_device("lathe-1", free_port())])
+    started: list[list[str]] = []
+    attempts: list[list[str]] = []
+
+    async def start(loaded: LoadedConfig, stop: asyncio.Event, on_started: OnStarted) -> None:
+        names = [d.name for d in loaded.config.devices]
+        attempts.append(names)
+        if "mill-1-plc" in names:
+            raise _cannot_listen()
+        on_started(Gateway(loaded), [])
+        started.append(names)
+        await stop.wait()
+
+    notifier = _Recorder()
+    stop = asyncio.Event()
+    task = asyncio.create_task(service.serve(config, load_config(config), stop, start, notifier))
+    try:
+        await _until_in_process(lambda: len(started) == 1, attempts)
+        lathe, mill = _device("lathe-1", free_port()), _device("mill-1", free_port())
+        _write_config(config, free_port(), [lathe, mill])
+        os.kill(os.getpid(), signal.SIGHUP)
+        await _until_in_process(lambda: len(started) == 2, attempts)
+        # The file on disk is the broken one: the restored config came from memory.
+        assert attempts == [["lathe-1-plc"], ["lathe-1-plc", "mill-1-plc"], ["lathe-1-plc"]]
+        assert task.done() is False
+        assert notifier.keys() == ["READY", "RELOADING", "STATUS", "READY"]
+        cause = "web: cannot listen on 127.0.0.1:8081: Address already in use"
+        assert notifier.sent[2]["STATUS"] == (
+            f"reload failed: {cause}; restoring the previous config"
+        )
+        assert notifier.sent[3]["STATUS"] == (
+            f"reload failed ({cause}); running the previous config; 1 device(s), 2 tag(s); "
+            "sinks: none"
+        )
+        errors = [r for r in caplog.records if r.levelname == "ERROR"]
+        assert [r.getMessage() for r in errors] == [
+            f"reload failed: the new config of {config} did not start: {cause}; restoring the "
+            "previous config"
+        ]
+        assert errors[0].exc_info is None  # the machine's state: no traceback
+
+        # Fixed: reloads as usual, and what changed is told against what ran, not what failed.
+        _write_config(config, free_port(), [lathe, _device("drill-1", free_port())])
+        os.kill(os.getpid(), signal.SIGHUP)
+        await _until_in_process(lambda: len(started) == 3, attempts)
+        assert started[2] == ["lathe-1-plc", "drill-1-plc"]
+        assert notifier.sent[-1]["STATUS"] == "reloaded; 2 device(s), 4 tag(s); sinks: none"
+        assert f"reloaded {config}: devices 1 -> 2; added drill-1-plc;" in caplog.text
+        stop.set()
+        await asyncio.wait_for(task, 5)
+    finally:
+        task.cancel()
+    assert notifier.keys()[-3:] == ["RELOADING", "READY", "STOPPING"]
+    assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
+
+
+async def test_serve_exits_when_the_restored_config_does_not_start_either(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = tmp_path / "gateway.yaml"
+    _write_config(config, free_port(), [_device("lathe-1", free_port())])
+    attempts = 0
+
+    async def start(loaded: LoadedConfig, stop: asyncio.Event, on_started: OnStarted) -> None:
+        nonlocal attempts
+        attempts += 1
+        if attempts > 1:
+            # The port was taken while the first generation ran: nothing starts any more.
+            raise _cannot_listen()
+        on_started(Gateway(loaded), [])
+        await stop.wait()
+
+    notifier = _Recorder()
+    task = asyncio.create_task(
+        service.serve(config, load_config(config), asyncio.Event(), start, notifier)
+    )
+    try:
+        await _until_in_process(lambda: attempts == 1, attempts)
+        _write_config(config, free_port(), [_device("mill-1", free_port())])
+        os.kill(os.getpid(), signal.SIGHUP)
+        with pytest.raises(BaseExceptionGroup) as info:
+            await asyncio.wait_for(task, 5)
+    finally:
+        task.cancel()
+    assert info.value.subgroup(GatewayError) is not None
+    assert attempts == 3
+    assert notifier.keys() == ["READY", "RELOADING", "STATUS", "STATUS"]
+    assert str(notifier.sent[-1]["STATUS"]).startswith("failed to start: web: cannot listen")
+    assert "the previous config did not start either: web: cannot listen" in caplog.text
+    assert signal.getsignal(signal.SIGHUP) is signal.SIG_DFL
+
+
+async def test_serve_fails_when_the_first_config_does_not_start(tmp_path: Path) -> None:
+    """Nothing to go back to: the error reaches the caller (`run` exits 1), as before."""
+    config = tmp_path / "gateway.yaml"
+    _write_config(config, free_port(), [_device("lathe-1", free_port())])
+
+    async def start(loaded: LoadedConfig, stop: asyncio.Event, on_started: OnStarted) -> None:
+        raise _cannot_listen()
+
+    notifier = _Recorder()
+    with pytest.raises(BaseExceptionGroup) as info:
+        await asyncio.wait_for(
+            service.serve(config, load_config(config), asyncio.Event(), start, notifier), 5
+        )
+    assert info.value.subgroup(GatewayError) is not None
+    assert notifier.sent == []
+
+
 # --- the process ----------------------------------------------------------------------------
 
 
@@ -280,9 +428,12 @@ def _device(name: str, port: int) -> dict[str, Any]:
     }
 
 
-def _write_config(path: Path, web_port: int, devices: list[dict[str, Any]]) -> None:
+def _write_config(
+    path: Path, web_port: int, devices: list[dict[str, Any]], **sections: dict[str, Any]
+) -> None:
     data = {
         "gateway": {"name": "gw-test", "site": "s", "area": "a", "line": "l"},
+        **sections,
         "web": {"host": "127.0.0.1", "port": web_port},
         "devices": devices,
     }
@@ -461,3 +612,81 @@ async def _gets_polled(web_port: int, device: str, more_than: int) -> bool:
 
 def _logged(path: Path, text: str) -> bool:
     return text in path.read_text(errors="replace")
+
+
+def _listening(proc: psutil.Process) -> set[int]:
+    return {c.laddr.port for c in proc.net_connections("inet") if c.status == psutil.CONN_LISTEN}
+
+
+async def test_a_reload_that_does_not_start_falls_back_to_the_running_config(
+    tmp_path: Path,
+) -> None:
+    web_port, new_web_port, lathe_port = free_port(), free_port(), free_port()
+    config = tmp_path / "gateway.yaml"
+    lathe = _device("lathe-1", lathe_port)
+    _write_config(config, web_port, [lathe])
+    notify = Notifications(tmp_path / "notify.sock")
+    log_path = tmp_path / "gw.log"
+    # The new OPC UA port, held by someone else: listening, as another server would.
+    blocker = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen()
+        taken = int(blocker.getsockname()[1])
+        async with (
+            RegisterServer([Spindle(1450)], port=lathe_port),
+            _gateway_process(config, notify, log_path) as proc,
+        ):
+            await notify.wait("READY")
+            await _until(lambda: _gets_polled(web_port, "lathe-1-plc", 0), proc, log_path)
+            gw = psutil.Process(proc.pid)
+            threads = gw.num_threads()
+            assert _listening(gw) == {web_port}
+
+            # Valid, but its gateway cannot start: the new page is up within milliseconds,
+            # OPC UA fails seconds later. The page must be gone again after.
+            opcua = {"host": "127.0.0.1", "port": taken, "allow_none": True}
+            _write_config(config, new_web_port, [lathe], opcua=opcua)
+            proc.send_signal(signal.SIGHUP)
+            await notify.wait("RELOADING")
+            ready = await notify.wait("READY", count=2, within=60)
+            cause = "OSError: [Errno 98] error while attempting to bind on address "
+            f"('127.0.0.1', {taken})"
+            assert ready["STATUS"].startswith(f"reload failed ({cause}"), ready
+            assert ready["STATUS"].endswith(
+                "; running the previous config; 1 device(s), 2 tag(s); sinks: web"
+            ), ready
+            statuses = [m["STATUS"] for _, m in notify.having("STATUS") if "READY" not in m]
+            assert statuses[-1].startswith(f"reload failed: {cause}"), statuses
+            assert statuses[-1].endswith("; restoring the previous config"), statuses
+            polls = (await _devices(web_port))["lathe-1-plc"]["good_polls"]
+            await _until(lambda: _gets_polled(web_port, "lathe-1-plc", polls), proc, log_path)
+            out = log_path.read_text()
+            assert f"status page on http://127.0.0.1:{new_web_port}/" in out
+            assert f"reload failed: the new config of {config} did not start: {cause}" in out, out
+            assert f"restored the previous config of {config} after the failed reload" in out
+            # One line: a taken port needs no traceback (asyncua logs its own, not ours).
+            lines = out.splitlines()
+            at = next(i for i, line in enumerate(lines) if "reload failed: the new" in line)
+            assert lines[at + 1].startswith("20"), lines[at + 1]
+            # Nothing of the failed generation is left: no listener, no thread; its port is free.
+            assert _listening(gw) == {web_port}
+            assert gw.num_threads() == threads
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+                probe.bind(("127.0.0.1", new_web_port))
+
+            # The port is free now: the same file reloads as usual.
+            blocker.close()
+            proc.send_signal(signal.SIGHUP)
+            ready = await notify.wait("READY", count=3, within=60)
+            assert ready["STATUS"] == "reloaded; 1 device(s), 2 tag(s); sinks: opcua, web", ready
+            await _until(lambda: _gets_polled(new_web_port, "lathe-1-plc", 0), proc, log_path)
+            assert _listening(gw) == {new_web_port, taken}
+            out = log_path.read_text()
+            assert f"reloaded {config}: 1 device(s); sections changed: opcua (added), web" in out
+
+            proc.send_signal(signal.SIGTERM)
+            assert await _exited(proc) == 0, _log_tail(log_path)
+    finally:
+        blocker.close()
+        notify.close()
