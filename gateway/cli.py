@@ -308,9 +308,18 @@ def _run_main(main: Callable[[], Coroutine[Any, Any, None]]) -> int:
         asyncio.run(main())
     except* GatewayError as group:
         failed = True
-        for exc in group.exceptions:
+        # Nested task groups nest the groups: print the causes, not "unhandled errors in a
+        # TaskGroup (1 sub-exception)".
+        for exc in _leaves(group):
             print(f"retrofit-gw: {exc}", file=sys.stderr)
     return EXIT_DEVICE if failed else EXIT_OK
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
 
 
 def cmd_run(args: argparse.Namespace) -> int:
