@@ -1,6 +1,7 @@
 """Protocol drivers. Each subpackage speaks one protocol; they never import each other or sinks.
 
 ``BUILTIN`` maps a config ``driver:`` value to ``"module:factory"``; the runtime imports lazily.
+Drivers from other distributions join them through an entry point: see ``drivers.plugins``.
 """
 
 from __future__ import annotations

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import importlib
 import logging
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
@@ -18,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import drivers
+from drivers import plugins
 from drivers.base import Describable, Diagnosable, Driver
 from gateway.bus import Bus, Subscription
 from gateway.clock import ClockWatch
@@ -78,12 +77,9 @@ def build_sinks(gw: Gateway) -> list[Sink]:
 
 
 def build_driver(device: Any) -> Driver:
-    """Resolve ``device.driver`` through the registry and build the driver from its config."""
-    target = drivers.BUILTIN[device.driver]
-    module_name, _, attr = target.partition(":")
-    factory = getattr(importlib.import_module(module_name), attr)
-    driver: Driver = factory(device)
-    return driver
+    """Resolve ``device.driver`` through the registry (built-in drivers, then installed
+    driver plugins) and build the driver from its validated config."""
+    return plugins.factory(device.driver)(device)
 
 
 #: Every write to a machine, refused or done: one JSON object per line, in the data directory.

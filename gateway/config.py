@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import csv
 import difflib
+import functools
 import re
 import sys
 import types
@@ -24,7 +25,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    model_validator,
+)
 from pydantic_core import ErrorDetails
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
@@ -38,6 +46,7 @@ from drivers.modbus.config import (
     check_device,
     check_serial_buses,
 )
+from drivers.plugins import installed as installed_plugins
 from gateway.auth import PasswordHashError, parse_hash
 from gateway.errors import ConfigError, ConfigIssue
 
@@ -55,6 +64,7 @@ __all__ = [
     "TlsSection",
     "WebSection",
     "WebToken",
+    "config_model",
     "format_issues",
     "json_schema",
     "load_config",
@@ -118,9 +128,10 @@ class BreakerSection(_Section):
         return self
 
 
-# A discriminated union on ``driver``. pydantic accepts a discriminator on a single model, and
-# the error for an unknown ``driver:`` then already names the valid values; a new driver is
-# added as ``ModbusTcpDevice | ModbusRtuDevice`` inside the Annotated.
+# A discriminated union on ``driver`` of the built-in drivers. pydantic accepts a
+# discriminator on a single model, and the error for an unknown ``driver:`` then already names
+# the valid values; a new built-in driver is added as ``ModbusTcpDevice | ModbusRtuDevice``
+# inside the Annotated. Driver plugins (``drivers.plugins``) join it in ``config_model()``.
 DeviceConfig = Annotated[
     ModbusTcpDevice | ModbusRtuDevice | ModbusRtuOverTcpDevice | AsciiSerialDevice,
     Field(discriminator="driver"),
@@ -389,7 +400,14 @@ class WebSection(_Section):
 
 
 class GatewayConfig(_Section):
-    """The whole gateway config file."""
+    """The whole gateway config file.
+
+    ``devices`` is typed with the built-in drivers' models. When driver plugins are
+    installed, configs are validated by ``config_model()``, a subclass whose ``devices`` also
+    admits the plugins' models (``drivers.plugins.PluginDevice`` subclasses, which have the
+    keys every device shares: ``driver``, ``name``, ``machine``, ``enabled``, ``timeout``,
+    ``connect_timeout``, ``interval`` and ``tags`` with a ``name`` each).
+    """
 
     version: Literal[1] = 1
     gateway: GatewaySection
@@ -408,9 +426,37 @@ class LoadedConfig:
     config: GatewayConfig
 
 
+@functools.cache
+def config_model() -> type[GatewayConfig]:
+    """The model that validates config files on this installation: ``GatewayConfig`` itself,
+    or, with driver plugins installed, a subclass whose device union includes them."""
+    plugins = installed_plugins().loaded
+    if not plugins:
+        return GatewayConfig
+    members = (*_BUILTIN_DRIVERS.values(), *(p.model for p in plugins.values()))
+    # Built at run time, so neither `|` (it needs two operands) nor a static annotation.
+    union: Any = Annotated[Union[members], Field(discriminator="driver")]  # noqa: UP007
+    devices_field: Any = (list[union], Field(min_length=1))
+    model = create_model(
+        _PLUGIN_CONFIG,
+        __base__=GatewayConfig,
+        __module__=__name__,
+        __doc__=GatewayConfig.__doc__,
+        devices=devices_field,
+    )
+    # Findable by name, as pickle needs (gateway.service keeps the running config pickled).
+    setattr(sys.modules[__name__], _PLUGIN_CONFIG, model)
+    return model
+
+
+#: The name of ``config_model()``'s subclass, a module attribute once it is made.
+_PLUGIN_CONFIG = "PluginGatewayConfig"
+
+
 def json_schema() -> dict[str, Any]:
-    """JSON Schema of the config file, for editors (YAML language server) and docs."""
-    schema = GatewayConfig.model_json_schema()
+    """JSON Schema of the config file, for editors (YAML language server) and docs; it
+    includes the installed driver plugins."""
+    schema = config_model().model_json_schema()
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "retrofit-gateway config"
     return schema
@@ -463,9 +509,10 @@ def load_config(path: str | Path) -> LoadedConfig:
     # A device whose profile could not be used lacks what the profile would have given it:
     # report the profile, not each missing key.
     profile_failed = loader.merge_profiles(data, path.parent)
+    loader.refused_plugins(data)
 
     try:
-        config = GatewayConfig.model_validate(data)
+        config = config_model().model_validate(data)
     except ValidationError as exc:
         loader.issues.extend(_validation_issues(exc, data, loader, profile_failed))
     else:
@@ -512,6 +559,29 @@ class _Loader:
         if file == from_file:
             return f"line {line}"
         return f"{file}:{line}"
+
+    def refused_plugins(self, data: dict[str, Any]) -> None:
+        """A device whose ``driver:`` names a refused driver plugin gets the plugin's reason
+        (validation would only say that the driver is unknown)."""
+        refused = installed_plugins().refused
+        devices = data.get("devices")
+        if not refused or not isinstance(devices, list):
+            return
+        for i, device in enumerate(devices):
+            driver = device.get("driver") if isinstance(device, dict) else None
+            if not isinstance(driver, str) or driver not in refused:
+                continue
+            loc: Loc = ("devices", i, "driver")
+            plugin = refused[driver]
+            if driver in _BUILTIN_DRIVERS:
+                message = (
+                    f"driver '{driver}' is built in, and the plugin entry point {plugin.origin} "
+                    f"claims the same name, so which one is meant is unclear; uninstall the "
+                    f"plugin or have its entry point renamed"
+                )
+            else:
+                message = f"{plugin}; fix or uninstall the plugin"
+            self.issue(self.locate(loc), loc, message)
 
     def compose(self, text: str) -> Node | None:
         try:
@@ -753,7 +823,7 @@ class _Loader:
             here: Loc = ("devices", i)
             name = device["profile"]
             driver = device.get("driver")
-            model = _DRIVERS.get(driver) if isinstance(driver, str) else None
+            model = _drivers().get(driver) if isinstance(driver, str) else None
             if model is None or "profile" not in model.model_fields:
                 # Drivers without the field (ascii_serial) still use profiles: the key is only
                 # an instruction to this loader.
@@ -831,7 +901,7 @@ class _Loader:
         drivers = profile.get("drivers")
         driver = device.get("driver")
         # Without a (known) driver, validation names the driver problem itself.
-        if isinstance(drivers, list) and driver in _DRIVERS and driver not in drivers:
+        if isinstance(drivers, list) and driver in _drivers() and driver not in drivers:
             file, line = where[("drivers",)]
             self.issue(
                 self.locate((*here, "profile")),
@@ -998,11 +1068,18 @@ def _driver_models() -> dict[str, type[BaseModel]]:
     return {get_args(m.model_fields["driver"].annotation)[0]: m for m in members}
 
 
-_DRIVERS = _driver_models()
+_BUILTIN_DRIVERS = _driver_models()
+
+
+@functools.cache
+def _drivers() -> dict[str, type[BaseModel]]:
+    """Every driver's config model by ``driver:`` value: the built-in ones, then plugins."""
+    plugins = installed_plugins().loaded
+    return {**_BUILTIN_DRIVERS, **{name: p.model for name, p in plugins.items()}}
 
 
 def _tag_model(driver: Any) -> type[BaseModel] | None:
-    model = _DRIVERS.get(driver) if isinstance(driver, str) else None
+    model = _drivers().get(driver) if isinstance(driver, str) else None
     if model is None:
         return None
     return _model_at(get_args(model.model_fields["tags"].annotation)[0], ())
@@ -1010,18 +1087,19 @@ def _tag_model(driver: Any) -> type[BaseModel] | None:
 
 def _model_at(start: Any, loc: Loc) -> type[BaseModel] | None:
     """The model class that validates the data at pydantic's ``loc`` (union tags included)."""
+    drivers = _drivers()
     tp = start
     for seg in loc:
         tp = _unwrap(tp)
         if isinstance(tp, type) and issubclass(tp, BaseModel):
             if isinstance(seg, str) and seg in tp.model_fields:
                 tp = tp.model_fields[seg].annotation
-            elif seg not in _DRIVERS or _DRIVERS[seg] is not tp:
+            elif seg not in drivers or drivers[seg] is not tp:
                 return None
-        elif get_origin(tp) is list and isinstance(seg, int):
+        elif get_origin(tp) in (list, Sequence) and isinstance(seg, int):
             tp = get_args(tp)[0]
-        elif get_origin(tp) in (Union, types.UnionType) and seg in _DRIVERS:
-            tp = _DRIVERS[seg]
+        elif get_origin(tp) in (Union, types.UnionType) and seg in drivers:
+            tp = drivers[seg]
         else:
             return None
     tp = _unwrap(tp)
@@ -1046,12 +1124,13 @@ def _clean_loc(raw: tuple[str | int, ...], data: Any, missing: bool) -> tuple[Lo
     label of a plain union (``address``'s ``int``/``str``), returning that label."""
     out: list[str | int] = []
     cur = data
+    drivers = _drivers()
     for n, seg in enumerate(raw):
         if (
             len(out) == 2
             and out[0] == "devices"
             and isinstance(cur, dict)
-            and seg in _DRIVERS
+            and seg in drivers
             and cur.get("driver") == seg
         ):
             continue
@@ -1076,8 +1155,11 @@ def _validation_issues(
     issues: list[ConfigIssue] = []
     # Errors of the members of one plain union (int | str) become one issue.
     unions: dict[Loc, tuple[list[str], Any]] = {}
+    refused = installed_plugins().refused
     for err in exc.errors(include_url=False):
         kind = err["type"]
+        if kind == "union_tag_invalid" and str(err.get("ctx", {}).get("tag")) in refused:
+            continue  # reported with the plugin's reason by _Loader.refused_plugins
         loc, label = _clean_loc(err["loc"], data, kind == "missing")
         if kind == "missing" and len(loc) == 3 and loc[0] == "devices" and loc[1] in failed:
             continue
@@ -1101,17 +1183,17 @@ def _one_issue(err: ErrorDetails, loc: Loc, loader: _Loader) -> ConfigIssue:
     if kind in ("missing", "extra_forbidden"):
         parent, key = loc[:-1], str(loc[-1])
         if kind == "missing":
-            hint = _choices_hint(_model_at(GatewayConfig, err["loc"][:-1]), key)
+            hint = _choices_hint(_model_at(config_model(), err["loc"][:-1]), key)
             return _at(loader, loc, parent, f"missing required key '{key}'{hint}")
-        model = _model_at(GatewayConfig, err["loc"][:-1])
+        model = _model_at(config_model(), err["loc"][:-1])
         known = list(model.model_fields) if model else []
         return _at(loader, loc, parent, f"unknown key '{key}'{_did_you_mean(key, known)}")
     if kind == "union_tag_not_found":
-        names = ", ".join(_DRIVERS)
+        names = ", ".join(_drivers())
         return _at(loader, loc, loc, f"missing required key 'driver' (one of: {names})")
     if kind == "union_tag_invalid":
         tag = str(ctx.get("tag", ""))
-        drivers = list(_DRIVERS)
+        drivers = list(_drivers())
         message = f"driver '{tag}' is not one of: {', '.join(drivers)}"
         return _at(
             loader, (*loc, "driver"), (*loc, "driver"), message + _did_you_mean(tag, drivers)
@@ -1395,9 +1477,30 @@ def _cross_check(config: GatewayConfig, loader: _Loader, csv_failed: set[int]) -
         elif isinstance(device, AsciiSerialDevice):
             for loc, message in check_ascii_device(device):
                 add((*here, *loc), message)
+        else:
+            for loc, message in _plugin_check(device):
+                add((*here, *loc), message)
     for i, loc, message in check_serial_buses(config.devices):
         add(("devices", i, *loc), message)
     return issues
+
+
+def _plugin_check(device: Any) -> list[tuple[Loc, str]]:
+    """A driver plugin's own cross-checks of one device; a check that crashes is reported as
+    the plugin's fault rather than ending ``check`` in a traceback."""
+    plugin = installed_plugins().loaded.get(device.driver)
+    if plugin is None or plugin.check is None:
+        return []
+    try:
+        return [(tuple(loc), str(message)) for loc, message in plugin.check(device)]
+    except Exception as exc:
+        return [
+            (
+                ("driver",),
+                f"the cross-check of driver plugin '{plugin.name}' failed: "
+                f"{type(exc).__name__}: {exc}",
+            )
+        ]
 
 
 def _ordered(issues: list[ConfigIssue], main_file: str) -> list[ConfigIssue]:

@@ -9,6 +9,7 @@ files.
 from __future__ import annotations
 
 import argparse
+import collections.abc
 import enum
 import json
 import sys
@@ -33,6 +34,7 @@ from drivers.modbus.config import (
     ModbusTcpDevice,
 )
 from drivers.modbus.decode import decode, encode
+from drivers.plugins import PluginDevice
 from gateway.config import GatewayConfig
 
 __all__ = ["byte_order_rows", "main", "render"]
@@ -148,7 +150,7 @@ def _type_name(tp: Any) -> str:
         parts = [_type_name(a) for a in get_args(tp) if a is not type(None)]
         nullable = type(None) in get_args(tp)
         return " or ".join(parts) + (" or null" if nullable else "")
-    if origin is list:
+    if origin in (list, collections.abc.Sequence):
         return f"list of {_type_name(get_args(tp)[0])}"
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         return " | ".join(f"`{m.value}`" for m in tp)
@@ -379,13 +381,14 @@ def _profiles(profiles: Mapping[str, Mapping[str, Any]]) -> list[str]:
 _PLUGINS = """\
 ## Adding a driver
 
-Drivers are built in today. `drivers.BUILTIN` maps a config `driver:` value to
-`"module:factory"`, and `gateway.app.build_driver` imports the module lazily and calls the
-factory with the device's validated config model. **Entry points are not supported yet**:
-the device config is a pydantic discriminated union (`DeviceConfig` in `gateway/config.py`),
-so a driver's config model has to be part of that union before a config can name it, and the
-union is fixed when `gateway.config` is imported. A driver is therefore added in the source
-tree (see the README, "Adding a driver"):
+A driver is either built into this source tree or shipped as a **plugin**: a distribution of
+its own, installed into the gateway's environment, that declares an entry point in the
+group `retrofit_gateway.drivers`. Both kinds are configured, validated, located in error
+messages, listed by `retrofit-gw schema` and run the same way; this reference lists the
+built-in drivers only (it is the same on every installation), `retrofit-gw schema` prints
+the keys of the plugins installed where it runs.
+
+### Built in
 
 1. `drivers/<protocol>/` with a pydantic config model (`driver: Literal["<kind>"]`,
    `extra="forbid"`), pure `plan`/`decode` modules and **one** transport module that is the
@@ -393,25 +396,203 @@ tree (see the README, "Adding a driver"):
 2. The `drivers.base.Driver` protocol: `name`, `tags` (`TagSpec`s), `groups`
    (`ReadGroup`s by interval), `connect()`, `read(group)` returning one `RawSample` per
    tag, `close()`, `poll_timeout(group)`; optionally `describe_plan()` and a `write`.
-3. Register it in `drivers.BUILTIN` and add its config model to `DeviceConfig`;
-   driver-specific cross-checks return `(location, message)` pairs.
+3. Register it in `drivers.BUILTIN` (`"module:factory"`, imported lazily by
+   `drivers.plugins.factory`) and add its config model to `DeviceConfig` in
+   `gateway/config.py`; driver-specific cross-checks return `(location, message)` pairs.
 4. Test it against a real peer on 127.0.0.1.
 
-How plugins through an entry point would work (a design, not implemented): a package
-declares
+### As a plugin
+
+The plugin's `pyproject.toml` names the gateway as a dependency and declares the entry
+point; its name is the config's `driver:` value:
 
 ```toml
+[project]
+name = "tcp-value-plugin"
+version = "0.1"
+dependencies = ["retrofit-gateway"]
+
 [project.entry-points."retrofit_gateway.drivers"]
-my_proto = "my_package.driver:describe"
+tcp_value = "tcp_value:describe"
 ```
 
-where `describe()` returns the config model and the factory. At start-up the gateway would
-read `importlib.metadata.entry_points(group="retrofit_gateway.drivers")`, refuse a name that
-clashes with a built-in one, build the `DeviceConfig` union from the built-in and the
-plugin models (so `retrofit-gw check` and `retrofit-gw schema` see them), and add the
-factories to the registry. This document would then list the plugin's keys like any other
-driver's when generated on that installation.
+`describe()` takes no arguments and returns a `drivers.plugins.DriverPlugin(name, model,
+factory, check=None)`:
+
+- `name` is the entry point's name: lower-case letters, digits and `_`, starting with a
+  letter, and not a built-in driver's name.
+- `model` is the device's config model: a subclass of `drivers.plugins.PluginDevice` with
+  `driver: Literal["<name>"]`, `tags` a list of a `drivers.plugins.PluginTag` subclass, and
+  `extra="forbid"` kept (inherited from the base), for the device and the tags. The base
+  gives every device the keys the gateway itself relies on (below); the gateway's own
+  cross-checks (unique device and tag names, `timeout` shorter than `interval`, at least one
+  tag) apply to plugin devices too.
+- `factory(device)` builds a `drivers.base.Driver` from one validated device. It must not
+  touch the device: `retrofit-gw check` builds every driver. Each `TagSpec.datatype` is one
+  of `bool`, `bit`, `int16`, `uint16`, `int32`, `uint32`, `int64`, `uint64`, `float32`,
+  `float64`, `bcd16`, `bcd32`, `string`; a failure of the whole device raises a
+  `gateway.errors.DeviceError` (`ConnectionLost`, `DeviceTimeout`, ...), a failure of one
+  tag is its `RawSample.reason`.
+- `check(device)`, optional, returns the driver's own cross-checks as
+  `(location under the device, message)` pairs; `retrofit-gw check` prints them with file
+  and line.
+
+Keys every plugin device has (`PluginDevice`):
+
+@PLUGIN_DEVICE_TABLE@
+
+What the gateway does with the entry points: it reads
+`importlib.metadata.entry_points(group="retrofit_gateway.drivers")` once per process, when
+a command first loads a config (or prints the schema), imports each plugin and checks what
+its `describe()` returns. The config model of that process is then the built-in device
+union plus the plugins' models, and the driver registry the built-in factories plus the
+plugins'. A plugin is **refused** when its module cannot be imported, `describe()` raises
+or returns anything but a valid `DriverPlugin` (wrong name, model not a `PluginDevice`,
+`driver` not the one Literal, unknown keys allowed, tags not `PluginTag`s, no JSON Schema),
+its name is not a valid `driver:` value, is a built-in driver's, or is claimed by two
+entry points. A refused plugin is logged once as a warning
+(`driver plugin 'x' (x = pkg.mod:describe (from pkg 0.1)) is refused: <reason>; skipped`)
+and skipped: a config that does not use it loads as before. A config whose `driver:` names
+it fails `retrofit-gw check` (and `once`, `run`) with exit code 2 and that reason at the
+`driver:` line; so does a config naming a built-in driver that a plugin also claims, since
+which one is meant is unclear. A factory that raises when the gateway starts ends the
+process with the traceback, noted with the plugin's name; one that returns no `Driver`, or
+a tag of an unknown datatype, raises a `TypeError` naming the plugin.
+
+Installing, upgrading or removing a plugin takes a restart: a reload (SIGHUP) reads the
+config again, not the entry points. A plugin runs inside the gateway process with its
+rights: install only plugins you would install as part of the gateway itself.
+
+A complete plugin (`tests/data/tcp_value_plugin/tcp_value.py`, which `tests/test_plugins.py`
+installs as a real distribution and runs `check`, `schema`, `once` and `run` on): it asks
+a TCP server for each tag's value, one line each way.
+
+```python
+@PLUGIN_EXAMPLE@```
+
+and a device of it:
+
+```yaml
+devices:
+  - name: counter-box
+    driver: tcp_value
+    machine: press-1
+    host: 192.0.2.20
+    port: 7000
+    tags:
+      - {name: count, type: int}
+      - {name: temperature, unit: degC, min: -20, max: 120}
+```
 """
+
+#: The example plugin of the section above, as in tests/data/tcp_value_plugin/tcp_value.py
+#: after its docstring (tests/test_plugins.py keeps the two identical).
+PLUGIN_EXAMPLE = r'''from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Sequence
+from typing import Literal
+
+from pydantic import Field
+
+from drivers.plugins import DriverPlugin, Issues, PluginDevice, PluginTag
+from gateway.errors import ConnectionLost
+from gateway.model import RawSample, ReadGroup, Reason, TagSpec
+
+
+class ValueTag(PluginTag):
+    type: Literal["float", "int"] = "float"
+    unit: str | None = Field(default=None, max_length=32)
+    min: float | None = None
+    max: float | None = None
+
+
+class TcpValueDevice(PluginDevice):
+    """A server that answers a tag's name with its value, one line each."""
+
+    driver: Literal["tcp_value"]
+    host: str = Field(min_length=1)
+    port: int = Field(ge=1, le=65535)
+    tags: list[ValueTag] = Field(default_factory=list)
+
+
+class TcpValueDriver:
+    """Implements ``drivers.base.Driver``. Building it must not touch the device."""
+
+    def __init__(self, device: TcpValueDevice) -> None:
+        self.device = device
+        self.name = device.name
+        self.endpoint = f"{device.host}:{device.port}"
+        self.tags: tuple[TagSpec, ...] = tuple(
+            TagSpec(
+                index=i,
+                machine=device.machine,
+                device=device.name,
+                name=tag.name,
+                datatype="float64" if tag.type == "float" else "int64",
+                unit=tag.unit,
+                minimum=tag.min,
+                maximum=tag.max,
+                interval=device.interval,
+                source=f"line {tag.name}",
+            )
+            for i, tag in enumerate(device.tags)
+        )
+        self.groups = (ReadGroup(device.interval, tuple(range(len(self.tags)))),)
+        self._link: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+
+    async def connect(self) -> None:
+        await self.close()
+        try:
+            self._link = await asyncio.open_connection(self.device.host, self.device.port)
+        except OSError as exc:
+            raise ConnectionLost(f"{self.endpoint}: {exc}") from exc
+
+    async def read(self, group: int) -> Sequence[RawSample]:
+        if self._link is None:
+            raise ConnectionLost(f"{self.endpoint}: not connected")
+        reader, writer = self._link
+        samples = []
+        for i in self.groups[group].indices:
+            tag = self.device.tags[i]
+            writer.write(f"{tag.name}\n".encode())
+            await writer.drain()
+            line = await reader.readline()
+            if not line:
+                raise ConnectionLost(f"{self.endpoint} closed the connection")
+            text = line.decode(errors="replace").strip()
+            try:
+                value = float(text) if tag.type == "float" else int(text)
+            except ValueError:
+                samples.append(RawSample(i, None, reason=Reason.DECODE_ERROR, detail=text))
+            else:
+                samples.append(RawSample(i, value))
+        return samples
+
+    def poll_timeout(self, group: int) -> float:
+        # One answer per tag, each within the device's timeout.
+        return self.device.timeout * len(self.groups[group].indices) + 0.1
+
+    async def close(self) -> None:
+        link, self._link = self._link, None
+        if link is not None:
+            link[1].close()
+            with contextlib.suppress(OSError):
+                await link[1].wait_closed()
+
+
+def check(device: TcpValueDevice) -> Issues:
+    """The driver's own cross-checks, located under the device."""
+    for k, tag in enumerate(device.tags):
+        if tag.min is not None and tag.max is not None and tag.min > tag.max:
+            yield ("tags", k, "min"), f"min {tag.min:g} is larger than max {tag.max:g}"
+
+
+def describe() -> DriverPlugin[TcpValueDevice]:
+    """The entry point: ``tcp_value = "tcp_value:describe"``."""
+    return DriverPlugin("tcp_value", TcpValueDevice, TcpValueDriver, check)
+'''
 
 
 def render(profiles: Mapping[str, Mapping[str, Any]]) -> str:
@@ -459,7 +640,9 @@ def render(profiles: Mapping[str, Mapping[str, Any]]) -> str:
     lines += _section("ASCII tags (`ascii_serial`)", AsciiTag, seen=seen)
     lines += _byte_guide()
     lines += _profiles(profiles)
-    lines += _PLUGINS.splitlines()
+    plugins = _PLUGINS.replace("@PLUGIN_EXAMPLE@", PLUGIN_EXAMPLE)
+    plugins = plugins.replace("@PLUGIN_DEVICE_TABLE@", "\n".join(_table(PluginDevice)))
+    lines += plugins.splitlines()
     return "\n".join(lines).rstrip() + "\n"
 
 
