@@ -101,7 +101,9 @@ Fast path and the asyncua internals it uses (asyncua is pinned to 2.1.x):
   deadband is measured from the previous sample, so a slow drift is never reported).
 - asyncua's ``init()`` builds its standard address space in ``asyncio.to_thread``;
   ``_fill_standard_nodes_in`` runs the same work in a thread that ``start()`` joins, so no
-  idle executor thread outlives it.
+  idle executor thread outlives it, and loads it from asyncua's shelf in the data dir when
+  one is there (``_StandardNodes``, which calls ``AddressSpace.make_aspace_shelf`` and
+  ``load_aspace_shelf`` itself). The shelf is closed by ``_stop``.
 - Active sessions are counted from ``InternalServer._external_sessions``, which holds the
   sessions of connected clients (and, for a while, of disconnected ones with subscriptions).
 - Connections whose certificate is no longer trusted are found through
@@ -170,11 +172,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import functools
 import gc
 import hmac
+import json
 import logging
+import os
+import pickle
 import secrets
+import shelve
+import shutil
 import socket
+import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -183,11 +194,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, Literal
 
+import asyncua
 from asyncua import Server, ua
 from asyncua.common.callback import CallbackType, ServerItemCallback
 from asyncua.crypto.permission_rules import User, UserRole
 from asyncua.crypto.validator import CertificateValidatorMethod
-from asyncua.server.address_space import AddressSpace, AttributeService, AttributeValue, NodeData
+from asyncua.server.address_space import (
+    AddressSpace,
+    AttributeService,
+    AttributeValue,
+    NodeData,
+    NodeManagementService,
+)
 from asyncua.server.binary_server_asyncio import OPCUAProtocol
 from asyncua.server.internal_server import InternalServer
 from asyncua.server.monitored_item_service import MonitoredItemService
@@ -197,7 +215,7 @@ from gateway import auth
 from gateway.bus import STALE_INTERVALS, Subscription
 from gateway.certs import TrustList, describe, load_or_create_certificate, sha256_of
 from gateway.config import OpcUaSection, OpcUaUser
-from gateway.errors import WriteRefused
+from gateway.errors import GatewayError, WriteRefused
 from gateway.model import Quality, Reading, Reason, TagKey, TagSpec
 from gateway.sinks.base import RuntimeView
 from gateway.status import DeviceState, DeviceStatus
@@ -219,6 +237,9 @@ log = logging.getLogger("gateway.sinks.opcua")
 
 #: How often device diagnostics and staleness are refreshed without a status change.
 STATUS_REFRESH_S: Final = 2.0
+#: After a start without a shelf of the standard address space, when to make one (in a
+#: thread; see ``_StandardNodes``): once the start-up rush is over.
+SHELF_DELAY_S = 60.0
 UNITS_NAMESPACE: Final = "http://www.opcfoundation.org/UA/units/un/cefact"
 
 _SC = ua.StatusCodes
@@ -1088,6 +1109,7 @@ class OpcUaSink:
         self._t_start = 0.0
         self._first_value_s: float | None = None
         self._misfits: set[TagKey] = set()
+        self._standard: _StandardNodes | None = None
         self.health: dict[str, object] = {
             "endpoint": self.endpoint,
             "sessions": 0,
@@ -1108,10 +1130,8 @@ class OpcUaSink:
         self._t_start = t0 = time.monotonic()
         self._vars, self._devices, self._first_value_s = {}, [], None
         self._writable = {}
-        server = Server()
-        self._server = server
-        server.iserver.attribute_service = _WriteGate(server.iserver.aspace, self._client_write)
-        server.subscribe_server_callback(CallbackType.PostRead, self._on_read)
+        server = self._new_server()
+        standard = self._standard = _StandardNodes(self._rt.data_dir)
         # Our own thread rather than the loop's default executor: asyncua would leave an idle
         # pool thread behind for the life of the process; this one is joined before we return.
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="opcua-start")
@@ -1125,14 +1145,29 @@ class OpcUaSink:
                 self._section.host,
                 self._rt.config.gateway.name,
             )
-            _fill_standard_nodes_in(server.iserver, pool)
-            gw = self._rt.config.gateway
-            server.name = f"retrofit-gateway {gw.name}"
-            server.product_uri = "urn:retrofit-gateway"
-            server.manufacturer_name = "retrofit-gateway"
             t_init = time.monotonic()
-            await server.init()
+            _fill_standard_nodes_in(server.iserver, pool, standard, use_shelf=True)
+            try:
+                await server.init()
+            except Exception as exc:
+                if standard.source != "shelf":
+                    raise
+                # The shelf passed its checks and still failed (a damaged node): remove it,
+                # start again without it; the next start makes a new one.
+                standard.problem = f"cannot use {standard.folder}: {_reason(exc)}"
+                await _stop(server)
+                await loop.run_in_executor(pool, standard.discard)
+                server = self._new_server()
+                standard.source = "built"
+                _fill_standard_nodes_in(server.iserver, pool, standard, use_shelf=False)
+                await server.init()
             init_s = time.monotonic() - t_init
+            if standard.problem:
+                log.warning(
+                    "OPC UA: %s; the standard address space was built from asyncua's code "
+                    "instead (the slow way), and the shelf is made again",
+                    standard.problem,
+                )
             await server.set_build_info(
                 server.product_uri,
                 server.manufacturer_name,
@@ -1174,7 +1209,7 @@ class OpcUaSink:
                     gc.enable()
             build_s = time.monotonic() - t_build
             await self._apply(list(self._rt.bus.latest.values()))
-            await server.start()
+            await self._listen(server)
             await self._refresh()
         except BaseException:
             self._server = None
@@ -1187,11 +1222,12 @@ class OpcUaSink:
         self.health["started_in_s"] = round(started, 3)
         self.health["variables"] = len(self._vars)
         log.info(
-            "OPC UA server on %s started in %.2f s (asyncua init %.2f s, %d variables in %.2f s)"
-            "; namespace %s (ns=%d), application %s",
+            "OPC UA server on %s started in %.2f s (asyncua init %.2f s, standard nodes %s; "
+            "%d variables in %.2f s); namespace %s (ns=%d), application %s",
             self.endpoint,
             started,
             init_s,
+            _SOURCES[standard.source],
             len(self._vars),
             build_s,
             self.namespace_uri,
@@ -1199,6 +1235,33 @@ class OpcUaSink:
             self.application_uri,
         )
         self._log_security()
+
+    def _new_server(self) -> Server:
+        server = Server()
+        self._server = server
+        server.iserver.attribute_service = _WriteGate(server.iserver.aspace, self._client_write)
+        server.subscribe_server_callback(CallbackType.PostRead, self._on_read)
+        gw = self._rt.config.gateway
+        # Before init(), which writes them into BuildInfo.
+        server.name = f"retrofit-gateway {gw.name}"
+        server.product_uri = "urn:retrofit-gateway"
+        server.manufacturer_name = "retrofit-gateway"
+        return server
+
+    async def _listen(self, server: Server) -> None:
+        """``server.start()``, with a port that cannot be bound as one GatewayError (asyncua
+        would log its own traceback of the OSError first: left out, the error says it all)."""
+        quiet = _QuietStartFailure(server)
+        asyncua_log = logging.getLogger("asyncua.server.server")
+        asyncua_log.addFilter(quiet)
+        try:
+            await server.start()
+        except OSError as exc:
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            host, port = self._section.host, self._section.port
+            raise GatewayError(f"OPC UA: cannot listen on {host}:{port}: {reason}") from exc
+        finally:
+            asyncua_log.removeFilter(quiet)
 
     def _log_security(self) -> None:
         section = self._section
@@ -1226,14 +1289,53 @@ class OpcUaSink:
 
     async def run(self, sub: Subscription) -> None:
         status = asyncio.create_task(self._status_loop(), name="opcua[status]")
+        shelf = None
+        if self._standard is not None and self._standard.wanted:
+            shelf = asyncio.create_task(self._make_shelf(self._standard), name="opcua[shelf]")
         try:
             async for batch in sub:
                 await self._apply(batch)
         finally:
             status.cancel()
             await _join_cancelled(status)
+            if shelf is not None:
+                shelf.cancel()
+                await _join_cancelled(shelf)
             if self._server is not None:
                 await self._refresh()
+
+    async def _make_shelf(self, standard: _StandardNodes) -> None:
+        """``SHELF_DELAY_S`` from now, make the shelf that later starts load the standard
+        address space from. Cancelled, it stops the thread (within a node) and waits for it."""
+        await asyncio.sleep(SHELF_DELAY_S)
+        if not standard.wanted:
+            return
+        abort = threading.Event()
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="opcua-shelf")
+        job = pool.submit(standard.make, abort)
+        try:
+            seconds = await asyncio.wrap_future(job)
+        except asyncio.CancelledError:
+            abort.set()
+            with contextlib.suppress(BaseException):
+                await asyncio.wrap_future(job)
+            raise
+        except Exception as exc:
+            log.warning(
+                "OPC UA: cannot write %s: %s; every start builds the standard address space "
+                "(the slow way)",
+                standard.folder,
+                _reason(exc),
+            )
+        else:
+            log.info(
+                "OPC UA: wrote the standard address space to %s in %.1f s: later starts load "
+                "it from there",
+                standard.folder,
+                seconds,
+            )
+        finally:
+            pool.shutdown(wait=True)
 
     async def close(self) -> None:
         server, self._server = self._server, None
@@ -1657,25 +1759,278 @@ class OpcUaSink:
 # --- helpers --------------------------------------------------------------------------------------
 
 
-def _fill_standard_nodes_in(iserver: InternalServer, pool: ThreadPoolExecutor) -> None:
-    """Make ``iserver.init()`` build the standard address space (2 s) in ``pool``.
+class _StandardNodes:
+    """Fills a server's standard address space, from the shelf in the data dir when it can.
+
+    asyncua builds the standard address space (6,000 nodes: 3 s and 50 MB here, five to ten
+    times slower on a Pi) from generated code at every start. Its answer for small devices is
+    a shelf (``AddressSpace.make_aspace_shelf``/``load_aspace_shelf``): the nodes pickled into
+    a ``shelve``, opened read-only, each unpickled when first used (a server touches a few
+    dozen). This class drives ``load_aspace_shelf`` itself and writes the shelf the way
+    ``make_aspace_shelf`` does, rather than passing ``shelf_file`` to ``init()``:
+
+    - asyncua looks for the shelf as ``<path>`` or ``<path>.db``, which is right for dbm.gnu
+      and Berkeley DB only; with dbm.dumb (``.dat``/``.dir``, the one dbm of Pythons built
+      without gdbm) it never finds it and builds and rewrites it at every start (asyncua
+      issue #1732).
+    - asyncua writes the shelf in place during ``init()``: a process killed meanwhile leaves a
+      partial shelf that the next start trusts, and pickling every node costs the start
+      another 2 s here (10-20 s on a Pi).
+
+    So the shelf is a folder, ``<data_dir>/opcua-aspace-asyncua<version>-py<x.y>/`` (a new
+    asyncua or Python makes a new one; the others are removed), holding the shelve's files and
+    ``manifest.json`` (versions, node count, each file's size). ``make()`` builds a fresh
+    standard address space of its own (the server's has changed since its build) in a
+    thread with a low priority, ``SHELF_DELAY_S`` after a start that had none, writes it to a
+    hidden temporary folder, flushes it to disk (fsync) and renames it into place: the shelf
+    is there complete or not at all, whatever kills the process or the power. Two processes
+    making it at once both rename; the second finds the first's folder and drops its own.
+
+    A shelf is used only if its manifest matches and a few nodes unpickle; otherwise the
+    start builds the nodes from asyncua's code as before, with one warning, and a broken
+    shelf is removed (to be made again). The shelf is only ever read once made: values
+    written at run time live in memory, in the nodes asyncua has loaded.
+    """
+
+    def __init__(self, data_dir: Path) -> None:
+        self.folder = data_dir / SHELF_NAME
+        #: How this start got its nodes: "shelf" or "built".
+        self.source = "built"
+        #: Why the shelf was not used, for the one warning.
+        self.problem: str | None = None
+
+    @property
+    def wanted(self) -> bool:
+        """No usable shelf yet: one should be made."""
+        return self.source == "built" and not self.folder.exists()
+
+    def fill(self, iserver: InternalServer, *, use_shelf: bool = True) -> None:
+        aspace = iserver.aspace
+        if use_shelf:
+            try:
+                if self._load(aspace):
+                    self.source = "shelf"
+                    return
+            except Exception as exc:
+                aspace._nodes = {}
+                self.problem = f"cannot use {self.folder}: {_reason(exc)}"
+                self.discard()
+        _fill_from_code(iserver.node_mgt_service)
+
+    def _load(self, aspace: AddressSpace) -> bool:
+        folder = self.folder
+        try:
+            text = (folder / _SHELF_MANIFEST).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            if folder.exists():
+                raise ValueError("it has no manifest") from None
+            return False
+        manifest = json.loads(text)
+        expected = _shelf_versions()
+        if {k: manifest.get(k) for k in expected} != expected:
+            raise ValueError(f"made for {manifest!r}, not {expected!r}")
+        for name, size in manifest["files"].items():
+            actual = (folder / name).stat().st_size
+            if actual != size:
+                raise ValueError(f"{name} has {actual} bytes, not {size}")
+        aspace.load_aspace_shelf(folder / _SHELF_BASE)
+        try:
+            _check_shelf(aspace._nodes, manifest["nodes"])
+        except BaseException:
+            aspace._nodes.source.close()
+            raise
+        return True
+
+    def make(self, abort: threading.Event) -> float:
+        """Build the standard address space afresh and write it as the shelf; the seconds it
+        took. Stops soon after ``abort`` is set (``_Aborted``), leaving nothing behind."""
+        t0 = time.monotonic()
+        with contextlib.suppress(OSError):
+            # This thread only (Linux threads have their own nice value): the loop comes first.
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        aspace = AddressSpace()
+        _fill_from_code(_Abortable(NodeManagementService(aspace), abort))
+        folder = self.folder
+        parent = folder.parent
+        tmp = parent / f".{folder.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        tmp.mkdir()
+        try:
+            # What AddressSpace.make_aspace_shelf does, with a way out.
+            nodes = aspace._nodes
+            # Pickles only what this process built; read back by asyncua from the data dir,
+            # which is the service's own (0700), as the private key is.
+            path, protocol = str(tmp / _SHELF_BASE), pickle.HIGHEST_PROTOCOL
+            with shelve.open(path, "n", protocol=protocol) as db:  # noqa: S301
+                for nodeid, ndata in nodes.items():
+                    if abort.is_set():
+                        raise _Aborted
+                    db[nodeid.to_string()] = ndata
+            files = {path.name: _fsync(path) for path in sorted(tmp.iterdir())}
+            manifest = {**_shelf_versions(), "nodes": len(nodes), "files": files}
+            (tmp / _SHELF_MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+            _fsync(tmp / _SHELF_MANIFEST)
+            _fsync(tmp)
+            try:
+                tmp.rename(folder)
+            except OSError as exc:
+                # Another process made it meanwhile (a full folder cannot be replaced).
+                if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
+            _fsync(parent)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        self._remove_others(parent)
+        return time.monotonic() - t0
+
+    def _remove_others(self, parent: Path) -> None:
+        """Shelves of other asyncua or Python versions, and temporary folders of processes
+        killed while making one (an hour old: a live one takes a minute at most)."""
+        now = time.time()
+        for path in parent.glob(f"*{_SHELF_PREFIX}*"):
+            if path.name == self.folder.name or not path.is_dir():
+                continue
+            if path.name.startswith(_SHELF_PREFIX):
+                shutil.rmtree(path, ignore_errors=True)
+            elif path.name.startswith(f".{_SHELF_PREFIX}") and ".tmp-" in path.name:
+                with contextlib.suppress(OSError):
+                    if now - path.stat().st_mtime > 3600:
+                        shutil.rmtree(path, ignore_errors=True)
+
+    def discard(self) -> None:
+        """Remove an unusable shelf (renamed aside first: a half-removed folder is never
+        taken for a shelf)."""
+        folder = self.folder
+        trash = folder.parent / f".{folder.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        with contextlib.suppress(OSError):
+            folder.rename(trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+class _Aborted(Exception):
+    """``_StandardNodes.make`` was asked to stop."""
+
+
+class _Abortable:
+    """A NodeManagementService for ``fill_address_space`` that stops it when asked."""
+
+    def __init__(self, service: NodeManagementService, abort: threading.Event) -> None:
+        self._service = service
+        self._abort = abort
+
+    def try_add_nodes(self, *args: Any, **kwargs: Any) -> Any:
+        if self._abort.is_set():
+            raise _Aborted
+        return self._service.try_add_nodes(*args, **kwargs)
+
+    def try_add_references(self, *args: Any, **kwargs: Any) -> Any:
+        if self._abort.is_set():
+            raise _Aborted
+        return self._service.try_add_references(*args, **kwargs)
+
+
+def _fill_from_code(service: Any) -> None:
+    # Imported here, in a thread: the generated module alone takes 0.5 s to import, and a
+    # start from the shelf never needs it (nor the memory its code takes).
+    from asyncua.server.standard_address_space import (  # noqa: PLC0415
+        standard_address_space,
+    )
+
+    standard_address_space.fill_address_space(service)
+
+
+#: The shelf folder's name prefix in the data dir; the full name adds the versions.
+_SHELF_PREFIX: Final = "opcua-aspace"
+SHELF_NAME: Final = (
+    f"{_SHELF_PREFIX}-asyncua{asyncua.__version__}-py{sys.version_info[0]}.{sys.version_info[1]}"
+)
+_SHELF_BASE: Final = "aspace"  # the shelve's name in the folder; dbm adds its own suffixes
+_SHELF_MANIFEST: Final = "manifest.json"
+#: Unpickled when a shelf is opened: the nodes every start reads first.
+_SHELF_PROBES: Final = (
+    ua.ObjectIds.RootFolder,
+    ua.ObjectIds.Server,
+    ua.ObjectIds.Server_NamespaceArray,
+)
+
+
+def _check_shelf(nodes: Any, count: int) -> None:
+    """``nodes``: the LazyLoadingDict of ``load_aspace_shelf``, over the shelf in ``source``."""
+    if len(nodes.source) != count:
+        raise ValueError(f"{len(nodes.source)} nodes, not {count}")
+    # Unpickled now, so that a shelf that cannot be read fails here and not in the middle of
+    # a client's Browse.
+    for probe in _SHELF_PROBES:
+        nodes[ua.NodeId(probe)]
+
+
+def _shelf_versions() -> dict[str, object]:
+    return {
+        "format": 1,
+        "asyncua": asyncua.__version__,
+        "python": f"{sys.version_info[0]}.{sys.version_info[1]}",
+    }
+
+
+def _fsync(path: Path) -> int:
+    """Flush a file or folder to disk; the file's size."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        return os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+
+
+def _reason(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _fill_standard_nodes_in(
+    iserver: InternalServer, pool: ThreadPoolExecutor, nodes: _StandardNodes, *, use_shelf: bool
+) -> None:
+    """Make ``iserver.init()`` fill the standard address space in ``pool`` (see
+    ``_StandardNodes``) instead of asyncua's own ``load_standard_address_space``.
 
     asyncua does it in ``asyncio.to_thread``, i.e. the loop's default executor. Same work,
     same thread safety (nothing else touches this server yet), only the thread differs.
     """
 
-    def fill() -> None:
-        # Imported here, in the thread: the generated module alone takes 0.5 s to import.
-        from asyncua.server.standard_address_space import (  # noqa: PLC0415
-            standard_address_space,
+    async def load(shelf_file: Path | None = None) -> None:
+        await asyncio.get_running_loop().run_in_executor(
+            pool, functools.partial(nodes.fill, iserver, use_shelf=use_shelf)
         )
 
-        standard_address_space.fill_address_space(iserver.node_mgt_service)
-
-    async def load(shelf_file: Path | None = None) -> None:
-        await asyncio.get_running_loop().run_in_executor(pool, fill)
-
     iserver.load_standard_address_space = load
+
+
+def _close_shelf(iserver: InternalServer) -> None:
+    """Close the shelf an address space reads its standard nodes from, if it has one."""
+    source = getattr(iserver.aspace._nodes, "source", None)
+    if isinstance(source, shelve.Shelf):
+        with contextlib.suppress(Exception):
+            source.close()
+
+
+_SOURCES: Final = {"shelf": "from the shelf", "built": "built"}
+
+
+class _QuietStartFailure(logging.Filter):
+    """Drops asyncua's "error starting server" record of one server's OSError."""
+
+    def __init__(self, server: Server) -> None:
+        super().__init__()
+        self._server = server
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        return not (
+            isinstance(args, tuple)
+            and len(args) > 0
+            and args[0] is self._server
+            and record.exc_info is not None
+            and isinstance(record.exc_info[1], OSError)
+        )
 
 
 def count_sessions(iserver: InternalServer) -> int:
@@ -1703,6 +2058,7 @@ async def _stop(server: Server) -> None:
         with contextlib.suppress(Exception):
             await sub.stop()
     iserver.subscription_service.subscriptions.clear()
+    _close_shelf(iserver)
 
 
 async def _join_cancelled(task: asyncio.Task[None]) -> None:

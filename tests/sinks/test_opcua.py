@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import stat
 import time
@@ -26,6 +27,7 @@ from drivers.modbus.transport import RegisterServer
 from gateway.app import Gateway
 from gateway.bus import Subscription
 from gateway.config import GatewayConfig, LoadedConfig
+from gateway.errors import GatewayError
 from gateway.model import Quality, Reading, Reason
 from gateway.sinks.opcua import (
     UNITS_NAMESPACE,
@@ -678,7 +680,9 @@ def check_builder_matches_add_nodes(server: Any, ns: int) -> None:
     )
 
 
-async def test_start_fails_cleanly_when_the_port_is_taken(tmp_path: Path) -> None:
+async def test_start_fails_cleanly_when_the_port_is_taken(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -687,8 +691,16 @@ async def test_start_fails_cleanly_when_the_port_is_taken(tmp_path: Path) -> Non
         gw = Gateway(loaded)
         assert loaded.config.opcua is not None
         sink = OpcUaSink(gw, loaded.config.opcua)
-        with pytest.raises(OSError):
+        with caplog.at_level(logging.DEBUG), pytest.raises(GatewayError) as raised:
             await sink.start()
+        assert (
+            str(raised.value)
+            == f"OPC UA: cannot listen on 127.0.0.1:{port}: Address already in use"
+        )
+        assert isinstance(raised.value.__cause__, OSError)
+        # One error, ours: asyncua's own traceback of the bind is left out.
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+        assert not logging.getLogger("asyncua.server.server").filters
         assert sink._server is None
         await sink.close()
 
