@@ -111,7 +111,7 @@ import os
 import socket
 import ssl
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -123,7 +123,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from gateway.bus import Subscription
 from gateway.clock import ClockWatch
-from gateway.config import BrokerSection, MqttSection
+from gateway.config import BrokerSection, BufferSection, MqttSection
 from gateway.errors import WriteRefused
 from gateway.logutil import OnceLogger
 from gateway.model import Quality, Reading, Reason, TagKey, TagSpec, Value
@@ -133,6 +133,8 @@ from gateway.sinks.base import RuntimeView
 from gateway.status import DeviceState, DeviceStatus
 
 __all__ = [
+    "BufferUser",
+    "BufferedPublisher",
     "LinkUser",
     "MqttLink",
     "MqttSink",
@@ -1200,6 +1202,351 @@ async def wait_until(done: Callable[[], bool], seconds: float) -> bool:
     return True
 
 
+class BufferUser(Protocol):
+    """What a sink tells the :class:`BufferedPublisher` that drives its buffer: the part of
+    the buffer driving that differs between the UNS and the Sparkplug sink. Every call runs
+    in the event loop."""
+
+    def buffer_ready(self) -> bool:
+        """Buffered messages may go out now, the link's backlog aside (connected; for a
+        Sparkplug edge node, born as well)."""
+
+    def buffer_wire(self, rows: list[Stored]) -> tuple[list[Stored], Callable[[Stored], bytes]]:
+        """The rows about to be sent, and each one's payload as sent. A row that cannot be
+        sent is left out and handed to :meth:`BufferedPublisher.discard`."""
+
+    def buffer_acked(self) -> None:
+        """A batch of PUBACKs was applied and the live messages waiting on it pumped."""
+
+    def buffer_replayed(self) -> None:
+        """A replay pass ended: the disk is drained, or sending has to wait."""
+
+    def buffer_health(self, health: dict[str, object], stats: dict[str, int]) -> None:
+        """The sink's own fields of its health entry; ``stats``: the outbox's counters."""
+
+
+class BufferedPublisher:
+    """A sink's buffered messages, from its durable outbox onto its :class:`MqttLink`.
+
+    One object for both sinks with a buffer (UNS values, Sparkplug DDATA), because two copies
+    drifted: it owns the outbox, the raw QoS 1 packets in flight (packet id -> outbox id),
+    ack batching, the live pump, the replay task, the clock re-base, the sink's background
+    tasks and what happens when one of them crashes, the close sequence and the health
+    entry. What differs (how a row becomes a packet, whether the sink may send, what follows
+    acks and a replay, the sink's own health fields) comes from its :class:`BufferUser`.
+
+    A message stays in memory until the broker's PUBACK (QoS 1) or until written (QoS 0);
+    while the sink may not send, or more than ``buffer.inflight`` await their PUBACK, it
+    goes to disk, to be replayed oldest first at ``buffer.replay_rate`` beside live data.
+    The sink stays the link's :class:`LinkUser` and hands :meth:`link_down`,
+    :meth:`link_writable` and :meth:`link_acked` on.
+    """
+
+    def __init__(
+        self,
+        runtime: RuntimeView,
+        link: MqttLink,
+        user: BufferUser,
+        *,
+        file: str,
+        buffer: BufferSection,
+        qos: int,
+        logger: logging.Logger,
+        noun: str,
+        label: str,
+    ) -> None:
+        """``file``: the outbox in the data directory; ``qos``: the sink's for new messages
+        (stored rows keep their own); ``logger``, ``noun`` ("message(s)", "DDATA") and
+        ``label`` (the buffer, in the re-base line): the sink's words in the log."""
+        self.runtime = runtime
+        self.link = link
+        self._user = user
+        self.outbox = Outbox(
+            runtime.data_dir / file,
+            max_bytes=int(buffer.max_mb * 1e6),
+            max_age_s=buffer.max_age_h * 3600,
+            when_full=buffer.when_full,
+            fsync=buffer.fsync,
+            window=buffer.inflight,
+            replay_rate=buffer.replay_rate,
+        )
+        self._qos = qos
+        self._log = logger
+        self._noun = noun
+        self._label = label
+        self._in_flight: dict[int, int] = {}  # packet id -> outbox id
+        self._acks: list[int] = []
+        self._acks_scheduled = False
+        self._topic_parts: dict[str, bytes] = {}
+        self._replay_wake = asyncio.Event()
+        self._replay_task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._steps_seen = runtime.clock.step_count
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.closed = False
+        #: Messages written to the connection, buffered or not (births, the refresh).
+        self.published = 0
+        #: Rows the user could not make into a message: acked unsent, counted as dropped.
+        self.discarded = 0
+        self._health_at = -math.inf
+        self.health: dict[str, object] = {}
+        link.on_change = self.update_health
+
+    @property
+    def started(self) -> bool:
+        return self._loop is not None
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Open the outbox, start the replay, connect in the background."""
+        self._loop = asyncio.get_running_loop()
+        # Opened before anything is published: a buffer that cannot be opened (locked by a
+        # second gateway on the same data directory, a newer schema) fails the start loudly.
+        self.outbox.open()
+        stored = self.outbox.stats["stored"]
+        if stored:
+            self._log.info(
+                "%s: %d buffered %s from before the restart to replay",
+                self.link.name,
+                stored,
+                self._noun,
+            )
+        self._replay_task = self.spawn(self._replay(), "replay")
+        self.link.start()
+
+    def spawn(self, coro: Coroutine[Any, Any, None], what: str) -> asyncio.Task[None]:
+        """A background task of the sink: its crash is reported (:meth:`crashed`), and
+        :meth:`close` cancels it if it still runs."""
+        task = asyncio.get_running_loop().create_task(
+            coro, name=f"{self.link.name.lower()}[{what}]"
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self.crashed)
+        return task
+
+    async def stop_replay(self) -> None:
+        task, self._replay_task = self._replay_task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.wait([task])
+
+    async def close(self, goodbye: Callable[[], Will | None]) -> None:
+        """Stop the sink's tasks, publish ``goodbye()`` and disconnect (bounded), put what
+        was not acknowledged on disk for the next start. Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        # Everything that may publish stops before the goodbye: the commands, the replay.
+        tasks = [task for task in self._tasks if task is not self._replay_task]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+        await self.stop_replay()
+        await self.link.close(goodbye())
+        self._flush_acks()
+        self._in_flight.clear()
+        kept = self.outbox.stats["queued_messages"]
+        self.update_health()
+        # Unacknowledged messages go to disk and are sent again after the next start.
+        self.outbox.close()
+        if kept:
+            self._log.info(
+                "%s: %d undelivered %s kept in the buffer for the next start",
+                self.link.name,
+                kept,
+                self._noun,
+            )
+
+    def crashed(self, task: asyncio.Task[None]) -> None:
+        """A bug in a background task must not leave the sink silently dead: say so, loudly."""
+        if task.cancelled() or task.exception() is None:
+            return
+        self.link.last_error = f"internal error: {task.exception()!r}"
+        self.update_health()
+        self._log.error(
+            "%s: %s stopped by a bug", self.link.name, task.get_name(), exc_info=task.exception()
+        )
+
+    # -- what the link tells the sink, handed on -----------------------------------------
+
+    def link_down(self, unsent_raw: int) -> None:
+        # Acks that arrived before the drop are real; everything else handed over and not
+        # acknowledged goes back to the buffer (on disk) and is sent again: at least once.
+        self.published -= unsent_raw
+        acks, self._acks = self._acks, []
+        if acks:
+            self.outbox.acked(acks)
+        self._in_flight.clear()
+        self.outbox.spill()
+
+    def link_writable(self) -> None:
+        # Not from inside loop_write's own bookkeeping, hence call_soon.
+        if not self._acks_scheduled and self._loop is not None:
+            self._acks_scheduled = True
+            self._loop.call_soon(self._flush_acks)
+
+    def link_acked(self, mid: int) -> bool:
+        id_ = self._in_flight.pop(mid, None)
+        if id_ is None:
+            return False
+        # Applied once per read from the socket, not once per PUBACK.
+        self._acks.append(id_)
+        if not self._acks_scheduled and self._loop is not None:
+            self._acks_scheduled = True
+            self._loop.call_soon(self._flush_acks)
+        return True
+
+    # -- the buffer and the wire ---------------------------------------------------------
+
+    def deliverable(self) -> bool:
+        return self._user.buffer_ready() and not self.link.backlogged()
+
+    def offer(self, messages: list[Message]) -> None:
+        """Every buffered message comes in here: in memory while the broker keeps up, on disk
+        while it cannot."""
+        deliverable = self.deliverable()
+        self.outbox.put(messages, deliverable=deliverable)
+        if deliverable:
+            self.pump()
+
+    def resume(self) -> None:
+        """The sink may send (again): what waits in memory now, then the replay."""
+        self.pump()
+        self._replay_wake.set()
+
+    def pump(self) -> None:
+        """Live messages waiting in memory, to the connection."""
+        if self.deliverable():
+            n = self.link.room(PUMP_CHUNK) if self._qos else PUMP_CHUNK
+            live = self.outbox.next_live(n)
+            if live:
+                self._send(live)
+
+    def store_pending(self) -> None:
+        """What waits in memory goes to disk, to be replayed as history."""
+        self.outbox.put([], deliverable=False)
+
+    def waiting(self) -> bool:
+        """Messages not yet handed to the connection: in memory, or on disk to replay."""
+        return bool(self.outbox.stats["pending"] or self.outbox.to_replay)
+
+    def discard(self, ids: list[int]) -> None:
+        """Rows that cannot be sent: out of the buffer, counted as dropped."""
+        self.discarded += len(ids)
+        self.outbox.acked(ids)
+
+    def send_raw(self, data: bytes, count: int) -> None:
+        """Ready PUBLISH packets that bypass the buffer (a refresh, births and deaths), in
+        their place in the write queue; counted as published."""
+        self.link.queue_raw(data, count)
+        self.published += count
+
+    def _send(self, stored: list[Stored]) -> None:
+        """Buffered messages as raw PUBLISH packets, one write-queue entry for all of them.
+
+        QoS 1 packets take their packet id from paho's sequence and are tracked here (not by
+        paho, whose per-message bookkeeping costs ~19 us); the PUBACK hook hands the id back.
+        """
+        rows, wire = self._user.buffer_wire(stored)
+        if not rows:
+            return
+        link = self.link
+        data, mids = encode_publishes(rows, link.next_mid, self._topic_parts, wire, v5=link.v5)
+        self._in_flight.update(mids)
+        self.send_raw(data, len(rows))
+        # QoS 0: written to the connection is as acknowledged as it gets. By the row's own
+        # QoS, which is what it was sent with: a row stored before qos changed keeps its own.
+        unacked = [s.id for s in rows if not s.message.qos]
+        if unacked:
+            self.outbox.acked(unacked)
+
+    def _flush_acks(self) -> None:
+        self._acks_scheduled = False
+        acks, self._acks = self._acks, []
+        if acks:
+            self.outbox.acked(acks)
+        self.resume()
+        self._user.buffer_acked()
+
+    async def _replay(self) -> None:
+        """What waited on disk, oldest first, at ``buffer.replay_rate``, beside live data."""
+        box = self.outbox
+        wake = self._replay_wake
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.5):
+                    await wake.wait()
+            wake.clear()
+            self.rebase_on_steps()
+            # At least every half second, so an idle sink's page is current too.
+            self.update_health(force=False)
+            await replay_stored(
+                box,
+                self.link,
+                qos=self._qos,
+                may_send=self.deliverable,
+                send=self._send,
+                sent=lambda: self.update_health(force=False),
+            )
+            self._user.buffer_replayed()
+
+    def rebase_on_steps(self) -> None:
+        self._steps_seen = rebase_buffer(
+            self.runtime.clock, self._steps_seen, self.outbox, self._label
+        )
+
+    async def flush(self, seconds: float) -> None:
+        """Wait (bounded) until every live message handed over is written and acknowledged."""
+        if not self._user.buffer_ready():
+            return
+        self.pump()
+        link = self.link
+
+        def done() -> bool:
+            return not link.connected or (
+                link.idle() and self.outbox.stats["pending"] == 0 and not self._in_flight
+            )
+
+        await wait_until(done, seconds)
+        self._flush_acks()
+        self.update_health()
+
+    # -- health --------------------------------------------------------------------------
+
+    def update_health(self, *, force: bool = True) -> None:
+        """The sink's health entry; ``force=False`` from the hot paths: at most every
+        HEALTH_EVERY_S (the oldest message's age is a SQLite read)."""
+        if not force:
+            now = time.monotonic()
+            if now - self._health_at < HEALTH_EVERY_S:
+                return
+            self._health_at = now
+        h = self.health
+        link = self.link
+        st = self.outbox.stats
+        h["connected"] = link.connected
+        h["broker"] = link.broker
+        self._user.buffer_health(h, st)
+        h["queued"] = st["queued_messages"]
+        h["buffered"] = st["stored"]
+        oldest = self.outbox.oldest_ts_ms() if st["queued_messages"] else None
+        h["oldest_age_s"] = None if oldest is None else round(time.time() - oldest / 1000, 1)
+        h["published"] = self.published
+        h["replayed"] = st["replayed"]
+        h["dropped"] = st["dropped_full"] + st["dropped_age"] + st["dropped_io"] + self.discarded
+        h["dropped_full"] = st["dropped_full"]
+        h["dropped_age"] = st["dropped_age"]
+        h["dropped_io"] = st["dropped_io"]
+        h["reconnects"] = link.reconnects
+        h["protocol"] = link.protocol
+        h["tls"] = link.tls_version
+        h["refused"] = link.refused
+        h["last_error"] = link.last_error or self.outbox.last_error
+
+
 class MqttSink:
     """Publishes readings and device states to one MQTT broker; see the module docstring."""
 
@@ -1224,25 +1571,7 @@ class MqttSink:
         self._device_heads: dict[str, str] = {}
         self._tails: dict[float, tuple[str, str, int]] = {}
         self._details: dict[str, str] = {}
-        buf = section.buffer
-        self._outbox = Outbox(
-            runtime.data_dir / OUTBOX_FILE,
-            max_bytes=int(buf.max_mb * 1e6),
-            max_age_s=buf.max_age_h * 3600,
-            when_full=buf.when_full,
-            fsync=buf.fsync,
-            window=buf.inflight,
-            replay_rate=buf.replay_rate,
-        )
-        self._in_flight: dict[int, int] = {}  # packet id -> outbox id
-        self._acks: list[int] = []
-        self._acks_scheduled = False
-        self._topic_parts: dict[str, bytes] = {}
-        self._replay_wake = asyncio.Event()
         self._replayed_topics: set[str] = set()
-        self._health_at = -math.inf
-        self._steps_seen = runtime.clock.step_count
-        self._replay_task: asyncio.Task[None] | None = None
         self._status_sent: dict[str, bytes] = {}
         # Commands: only the writable tags' topics are subscribed, so a config without
         # writable tags does not even listen.
@@ -1251,97 +1580,71 @@ class MqttSink:
             for t in runtime.tags
             if t.write is not None
         }
-        self._commands: set[asyncio.Task[None]] = set()
         self._bad_commands: dict[str, float] = {}
         self._link = MqttLink(
             runtime,
             section,
             self,
             client_id=section.client_id or gw.name,
-            will=lambda: Will(self._gateway_topic, _OFFLINE, self._qos_state, True),
+            will=self._offline,
             subscriptions=[(topic, 1) for topic in self._set_topics],
             backoff=backoff,
         )
-        self._link.on_change = self._update_health
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._closed = False
-        self.published = 0
-        self._health: dict[str, object] = {}
-        self._update_health()
-        runtime.health[self.name] = self._health
+        self._buffer = BufferedPublisher(
+            runtime,
+            self._link,
+            self,
+            file=OUTBOX_FILE,
+            buffer=section.buffer,
+            qos=self._qos_values,
+            logger=log,
+            noun="message(s)",
+            label="MQTT buffer",
+        )
+        self._buffer.update_health()
+        runtime.health[self.name] = self._buffer.health
 
     @property
     def _connected(self) -> bool:
         return self._link.connected
 
+    @property
+    def _outbox(self) -> Outbox:
+        return self._buffer.outbox
+
     # -- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
         """Build every topic, then connect in the background: never waits for the broker."""
-        if self._loop is not None or self._closed:
+        if self._buffer.started or self._buffer.closed:
             return
-        self._loop = asyncio.get_running_loop()
         self._build_topics()
-        # Opened before anything is published: a buffer that cannot be opened (locked by a
-        # second gateway on the same data directory, a newer schema) fails the start loudly.
-        self._outbox.open()
-        stored = self._outbox.stats["stored"]
-        if stored:
-            log.info("MQTT: %d buffered message(s) from before the restart to replay", stored)
-        self._replay_task = asyncio.create_task(self._replay(), name="mqtt[replay]")
-        self._replay_task.add_done_callback(self._crashed)
-        self._link.start()
+        self._buffer.start()
 
     async def run(self, sub: Subscription) -> None:
-        watcher = asyncio.create_task(self._watch_status(), name="mqtt[status]")
-        watcher.add_done_callback(self._crashed)
+        buffer = self._buffer
+        watcher = buffer.spawn(self._watch_status(), "status")
         handle = self._on_batch_per_device if self._per_device else self._on_batch_per_tag
         try:
             while (batch := await sub.get()) is not None:
                 handle(batch)
-                self._update_health(force=False)
+                buffer.update_health(force=False)
         finally:
             watcher.cancel()
             await asyncio.wait([watcher])
         # Drivers have stopped: publish their final state, then the live messages still in
         # memory. What waits on disk stays there for the next start.
-        await self._stop_replay()
+        await buffer.stop_replay()
         self._sync_status()
-        await self._flush(FLUSH_TIMEOUT)
+        await buffer.flush(FLUSH_TIMEOUT)
 
     async def close(self) -> None:
         """Publish "offline", disconnect cleanly (bounded), release everything. Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        for task in list(self._commands):
-            task.cancel()
-        if self._commands:
-            await asyncio.wait(list(self._commands))
-        await self._stop_replay()
-        await self._link.close(Will(self._gateway_topic, _OFFLINE, self._qos_state, True))
-        self._flush_acks()
-        self._in_flight.clear()
-        kept = self._outbox.stats["queued_messages"]
-        self._update_health()
-        # Unacknowledged messages go to disk and are sent again after the next start.
-        self._outbox.close()
-        if kept:
-            log.info("MQTT: %d undelivered message(s) kept in the buffer for the next start", kept)
+        await self._buffer.close(self._offline)
 
-    async def _stop_replay(self) -> None:
-        task, self._replay_task = self._replay_task, None
-        if task is not None:
-            task.cancel()
-            await asyncio.wait([task])
-
-    def _crashed(self, task: asyncio.Task[None]) -> None:
-        """A bug in a background task must not leave MQTT silently dead: say so, loudly."""
-        if task.cancelled() or task.exception() is None:
-            return
-        self._link.last_error = f"internal error: {task.exception()!r}"
-        self._update_health()
-        log.error("MQTT: %s stopped by a bug", task.get_name(), exc_info=task.exception())
+    def _offline(self) -> Will:
+        """The gateway "offline", retained: the Last Will, and the goodbye of a clean close."""
+        return Will(self._gateway_topic, _OFFLINE, self._qos_state, True)
 
     # -- set-up --------------------------------------------------------------------------
 
@@ -1370,49 +1673,25 @@ class MqttSink:
         self._status_sent.clear()
         self._sync_status()
         self._publish_all()
-        self._pump()
-        self._replay_wake.set()
-        self._update_health()
+        self._buffer.resume()
+        self._buffer.update_health()
 
     def link_down(self, unsent_raw: int) -> None:
-        # Acks that arrived before the drop are real; everything else handed over and not
-        # acknowledged goes back to the buffer (on disk) and is sent again: at least once.
-        self.published -= unsent_raw
-        acks, self._acks = self._acks, []
-        if acks:
-            self._outbox.acked(acks)
-        self._in_flight.clear()
-        self._outbox.spill()
+        self._buffer.link_down(unsent_raw)
 
     def link_writable(self) -> None:
-        # Not from inside loop_write's own bookkeeping, hence call_soon.
-        if not self._acks_scheduled and self._loop is not None:
-            self._acks_scheduled = True
-            self._loop.call_soon(self._flush_acks)
+        self._buffer.link_writable()
 
     def link_acked(self, mid: int) -> bool:
-        id_ = self._in_flight.pop(mid, None)
-        if id_ is None:
-            return False
-        # Applied once per read from the socket, not once per PUBACK.
-        self._acks.append(id_)
-        if not self._acks_scheduled and self._loop is not None:
-            self._acks_scheduled = True
-            self._loop.call_soon(self._flush_acks)
-        return True
+        return self._buffer.link_acked(mid)
 
     def link_message(self, topic: str, payload: bytes) -> None:
         """``<tag topic>/set`` with ``{"value": ...}`` (and an optional ``"id"`` echoed back):
         a write through the runtime; the answer goes to ``<tag topic>/set/result``."""
         key = self._set_topics.get(topic)
-        if key is None or self._closed:
+        if key is None or self._buffer.closed:
             return
-        task = asyncio.get_running_loop().create_task(
-            self._command(topic, key, payload), name=f"mqtt[set {key}]"
-        )
-        self._commands.add(task)
-        task.add_done_callback(self._commands.discard)
-        task.add_done_callback(self._crashed)
+        self._buffer.spawn(self._command(topic, key, payload), f"set {key}")
 
     async def _command(self, topic: str, key: TagKey, payload: bytes) -> None:
         reply: dict[str, object] = {"tag": key}
@@ -1518,7 +1797,7 @@ class MqttSink:
         if refresh:
             self._refresh(refresh)
         if out:
-            self._offer(out)
+            self._buffer.offer(out)
 
     def _to_send(
         self, batch: Sequence[Reading], everything: bool
@@ -1594,7 +1873,7 @@ class MqttSink:
         if refresh:
             self._refresh(refresh)
         if out:
-            self._offer(out)
+            self._buffer.offer(out)
 
     def _publish_all(self, topics: set[str] | None = None) -> None:
         """Every tag's latest value (or those of ``topics``), as if it had changed: after a
@@ -1626,104 +1905,41 @@ class MqttSink:
         return self.runtime.clock.synced is not False
 
     def _rebase_on_steps(self) -> None:
-        self._steps_seen = rebase_buffer(
-            self.runtime.clock, self._steps_seen, self._outbox, "MQTT buffer"
-        )
+        self._buffer.rebase_on_steps()
 
     # -- the buffer and the wire ---------------------------------------------------------
 
     def _refresh(self, packets: list[bytes]) -> None:
         if self._connected:
-            self._link.queue_raw(b"".join(packets), len(packets))
-            self.published += len(packets)
+            self._buffer.send_raw(b"".join(packets), len(packets))
 
-    def _offer(self, messages: list[Message]) -> None:
-        """Every value message goes through the buffer: in memory while the broker keeps up,
-        on disk while it cannot."""
-        deliverable = self._connected and not self._link.backlogged()
-        box = self._outbox
-        box.put(messages, deliverable=deliverable)
-        if deliverable:
-            self._pump()
+    # -- what the buffer asks of the sink (BufferUser) -----------------------------------
 
-    def _pump(self) -> None:
-        """Live messages waiting in memory, to the connection."""
-        if self._connected and not self._link.backlogged():
-            n = self._link.room(PUMP_CHUNK) if self._qos_values else PUMP_CHUNK
-            live = self._outbox.next_live(n)
-            if live:
-                self._send(live)
+    def buffer_ready(self) -> bool:
+        return self._connected
 
-    def _send(self, stored: list[Stored]) -> None:
-        """Buffered messages as raw PUBLISH packets, one write-queue entry for all of them.
-
-        QoS 1 packets take their packet id from paho's sequence and are tracked here (not by
-        paho, whose per-message bookkeeping costs ~19 us); the PUBACK hook hands the id back.
-        """
-        link = self._link
+    def buffer_wire(self, rows: list[Stored]) -> tuple[list[Stored], Callable[[Stored], bytes]]:
+        """Every row as it is, ``seq`` and ``historical`` in the JSON; what is replayed is
+        noted, for the restatement after the replay."""
         replayed = self._replayed_topics
-        for s in stored:
+        for s in rows:
             if s.historical:
                 replayed.add(s.message.topic)
-        data, mids = encode_publishes(stored, link.next_mid, self._topic_parts, v5=link.v5)
-        self._in_flight.update(mids)
-        link.queue_raw(data, len(stored))
-        self.published += len(stored)
-        # QoS 0: written to the connection is as acknowledged as it gets.
-        unacked = [s.id for s in stored if not s.message.qos]
-        if unacked:
-            self._outbox.acked(unacked)
+        return rows, _wire_payload
 
-    def _flush_acks(self) -> None:
-        self._acks_scheduled = False
-        acks, self._acks = self._acks, []
-        if acks:
-            self._outbox.acked(acks)
-        self._pump()
-        self._replay_wake.set()
+    def buffer_acked(self) -> None:
+        """Nothing of the UNS sink waits for acks (the buffer pumps what waits in it)."""
 
-    async def _replay(self) -> None:
-        """What waited on disk, oldest first, at ``buffer.replay_rate``, beside live data."""
-        box = self._outbox
-        wake = self._replay_wake
-        while True:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(0.5):
-                    await wake.wait()
-            wake.clear()
-            self._rebase_on_steps()
-            # At least every half second, so an idle sink's page is current too.
-            self._update_health(force=False)
-            await replay_stored(
-                box,
-                self._link,
-                qos=self._qos_values,
-                may_send=lambda: self._connected and not self._link.backlogged(),
-                send=self._send,
-                sent=lambda: self._update_health(force=False),
-            )
-            if self._replayed_topics and box.to_replay == 0 and self._connected:
-                # Replayed values are not retained, so the retained topics of what went to
-                # disk may be behind the newest value: restate those (not every tag: a small
-                # overflow under load must not be answered with 10,000 more messages).
-                topics, self._replayed_topics = self._replayed_topics, set()
-                self._publish_all(topics)
+    def buffer_replayed(self) -> None:
+        if self._replayed_topics and self._outbox.to_replay == 0 and self._connected:
+            # Replayed values are not retained, so the retained topics of what went to
+            # disk may be behind the newest value: restate those (not every tag: a small
+            # overflow under load must not be answered with 10,000 more messages).
+            topics, self._replayed_topics = self._replayed_topics, set()
+            self._publish_all(topics)
 
-    async def _flush(self, seconds: float) -> None:
-        """Wait (bounded) until every live message handed over is written and acknowledged."""
-        if self._link.client is None or not self._connected:
-            return
-        self._pump()
-
-        def done() -> bool:
-            st = self._outbox.stats
-            return not self._connected or (
-                self._link.idle() and st["pending"] == 0 and not self._in_flight
-            )
-
-        await wait_until(done, seconds)
-        self._flush_acks()
-        self._update_health()
+    def buffer_health(self, health: dict[str, object], stats: dict[str, int]) -> None:
+        health["buffered_bytes"] = stats["stored_bytes"]
 
     # -- device and machine states -------------------------------------------------------
 
@@ -1755,36 +1971,6 @@ class MqttSink:
             if sent.get(topic) != payload:
                 self._link.publish(topic, payload, self._qos_state, True)
                 sent[topic] = payload
-
-    # -- health --------------------------------------------------------------------------
-
-    def _update_health(self, *, force: bool = True) -> None:
-        if not force:
-            now = time.monotonic()
-            if now - self._health_at < HEALTH_EVERY_S:
-                return
-            self._health_at = now
-        h = self._health
-        link = self._link
-        st = self._outbox.stats
-        h["connected"] = link.connected
-        h["broker"] = link.broker
-        h["queued"] = st["queued_messages"]
-        h["buffered"] = st["stored"]
-        h["buffered_bytes"] = st["stored_bytes"]
-        oldest = self._outbox.oldest_ts_ms() if st["queued_messages"] else None
-        h["oldest_age_s"] = None if oldest is None else round(time.time() - oldest / 1000, 1)
-        h["published"] = self.published
-        h["replayed"] = st["replayed"]
-        h["dropped"] = st["dropped_full"] + st["dropped_age"] + st["dropped_io"]
-        h["dropped_full"] = st["dropped_full"]
-        h["dropped_age"] = st["dropped_age"]
-        h["dropped_io"] = st["dropped_io"]
-        h["reconnects"] = link.reconnects
-        h["protocol"] = link.protocol
-        h["tls"] = link.tls_version
-        h["refused"] = link.refused
-        h["last_error"] = link.last_error or self._outbox.last_error
 
 
 def _device_status(st: DeviceStatus) -> bytes:

@@ -28,7 +28,8 @@ connects again (Sparkplug 3.0 §5, tck-id-message-flow-edge-node-birth-publish-p
 and waits for the host as at the start.
 
 Store and forward: every DDATA goes through a :class:`gateway.outbox.Outbox` of its own
-(``sparkplug-outbox.sqlite`` in the data directory, bounded by ``buffer:``). It is sent at
+(``sparkplug-outbox.sqlite`` in the data directory, bounded by ``buffer:``), driven by
+:class:`gateway.sinks.mqtt.BufferedPublisher` as the UNS sink's buffer is. It is sent at
 once while the node is born (connected, and the primary host online); otherwise it goes to
 disk. seq belongs to the session that sends a message, so a buffered DDATA has none: it is
 stamped when it leaves the buffer (``payload.sequenced``), with the current aliases (it keeps
@@ -50,30 +51,20 @@ host or before its STATE), ``queued``, ``buffered``, ``oldest_age_s``, ``publish
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
-import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from gateway.bus import Subscription
 from gateway.config import SparkplugSection
 from gateway.errors import WriteRefused
 from gateway.logutil import OnceLogger
 from gateway.model import Reading, TagKey, TagSpec
-from gateway.outbox import Message, Outbox, Stored
+from gateway.outbox import Message, Stored
 from gateway.runner import Backoff
 from gateway.sinks.base import RuntimeView
-from gateway.sinks.mqtt import (
-    HEALTH_EVERY_S,
-    MqttLink,
-    Will,
-    encode_publishes,
-    rebase_buffer,
-    replay_stored,
-    wait_until,
-)
+from gateway.sinks.mqtt import BufferedPublisher, MqttLink, Will, encode_publishes
 from gateway.sparkplug import (
     NAMESPACE,
     DataType,
@@ -94,8 +85,6 @@ log = logging.getLogger("gateway.sinks.sparkplug")
 
 #: The buffer's file in the data directory; fixed, like the UNS sink's.
 OUTBOX_FILE = "sparkplug-outbox.sqlite"
-#: Live DDATA handed to the connection per step (replay chunks: mqtt.REPLAY_CHUNK).
-PUMP_CHUNK = 2000
 #: How long the end of run() waits for queued DDATA to be written and acknowledged.
 FLUSH_TIMEOUT = 5.0
 #: A device in these states has (or gets) a DBIRTH; in the others a DDEATH. A device not yet
@@ -121,8 +110,6 @@ class SparkplugSink:
             specs.setdefault(spec.device, []).append(spec)
         self._device_of: dict[TagKey, str] = {}
         self._machine_of: dict[str, str] = {}
-        self._commands: set[asyncio.Task[None]] = set()
-        self._health_at = -math.inf
         self._metrics: dict[str, dict[str, tuple[int, DataType]]] = {}
         for device, device_specs in specs.items():
             self.node.add_device(device, device_specs)
@@ -143,24 +130,8 @@ class SparkplugSink:
         if self._state_topic is not None:
             subscriptions.append((self._state_topic, 1))
         self._qos = section.qos_data
-        buf = section.buffer
-        self._outbox = Outbox(
-            runtime.data_dir / OUTBOX_FILE,
-            max_bytes=int(buf.max_mb * 1e6),
-            max_age_s=buf.max_age_h * 3600,
-            when_full=buf.when_full,
-            fsync=buf.fsync,
-            window=buf.inflight,
-            replay_rate=buf.replay_rate,
-        )
-        self._in_flight: dict[int, int] = {}  # packet id -> outbox id
-        self._acks: list[int] = []
-        self._acks_scheduled = False
         self._deaths_waiting = False
         self._topic_parts: dict[str, bytes] = {}
-        self._replay_wake = asyncio.Event()
-        self._replay_task: asyncio.Task[None] | None = None
-        self._steps_seen = runtime.clock.step_count
         self._link = MqttLink(
             runtime,
             section,
@@ -171,114 +142,79 @@ class SparkplugSink:
             backoff=backoff,
             name="Sparkplug",
         )
-        self._link.on_change = self._update_health
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._closed = False
+        self._buffer = BufferedPublisher(
+            runtime,
+            self._link,
+            self,
+            file=OUTBOX_FILE,
+            buffer=section.buffer,
+            qos=self._qos,
+            logger=log,
+            noun="DDATA",
+            label="Sparkplug DDATA buffer",
+        )
         self._once_bad = OnceLogger(log, "Sparkplug buffer")
         self._unknown_keys: set[TagKey] = set()
         self.births = 0
-        self.published = 0
-        self.dropped_unusable = 0
-        self._health: dict[str, object] = {}
-        self._update_health()
-        runtime.health[self.name] = self._health
+        self._buffer.update_health()
+        runtime.health[self.name] = self._buffer.health
 
     # -- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
         """Open the buffer, then connect in the background: never waits for the broker."""
-        if self._loop is not None or self._closed:
+        if self._buffer.started or self._buffer.closed:
             return
-        self._loop = asyncio.get_running_loop()
-        # A buffer that cannot be opened (another gateway on this data directory) fails the
-        # start loudly, before anything is published.
-        self._outbox.open()
-        stored = self._outbox.stats["stored"]
-        if stored:
-            log.info("Sparkplug: %d buffered DDATA from before the restart to replay", stored)
-        self._replay_task = asyncio.create_task(self._replay(), name="sparkplug[replay]")
-        self._replay_task.add_done_callback(self._crashed)
-        self._link.start()
+        self._buffer.start()
 
     async def run(self, sub: Subscription) -> None:
-        watcher = asyncio.create_task(self._watch_status(), name="sparkplug[status]")
-        watcher.add_done_callback(self._crashed)
+        buffer = self._buffer
+        watcher = buffer.spawn(self._watch_status(), "status")
         try:
             while (batch := await sub.get()) is not None:
                 self._on_batch(batch)
-                self._update_health(force=False)
+                buffer.update_health(force=False)
         finally:
             watcher.cancel()
             await asyncio.wait([watcher])
         # Drivers have stopped: send what is live in memory; what waits on disk stays there
         # for the next start. The NDEATH at close() says the devices are gone.
-        await self._stop_replay()
-        await self._flush(FLUSH_TIMEOUT)
+        await buffer.stop_replay()
+        await buffer.flush(FLUSH_TIMEOUT)
 
     async def close(self) -> None:
         """NDEATH, DISCONNECT (bounded), release everything. Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        for task in list(self._commands):
-            task.cancel()
-        if self._commands:
-            await asyncio.wait(list(self._commands))
-        await self._stop_replay()
-        goodbye = None
-        if self._link.connected and self.node.bdseq is not None:
-            death = self.node.ndeath()
-            goodbye = Will(death.topic, death.payload, death.qos, death.retain)
-        await self._link.close(goodbye)
-        self._flush_acks()
-        self._in_flight.clear()
-        kept = self._outbox.stats["queued_messages"]
-        self._update_health()
-        # Unacknowledged DDATA goes to disk and is replayed after the next start.
-        self._outbox.close()
-        if kept:
-            log.info("Sparkplug: %d undelivered DDATA kept in the buffer for the next start", kept)
+        await self._buffer.close(self._goodbye)
 
-    async def _stop_replay(self) -> None:
-        task, self._replay_task = self._replay_task, None
-        if task is not None:
-            task.cancel()
-            await asyncio.wait([task])
-
-    def _crashed(self, task: asyncio.Task[None]) -> None:
-        """A bug in a background task must not leave Sparkplug silently dead: say so."""
-        if task.cancelled() or task.exception() is None:
-            return
-        self._link.last_error = f"internal error: {task.exception()!r}"
-        self._update_health()
-        log.error("Sparkplug: %s stopped by a bug", task.get_name(), exc_info=task.exception())
+    def _goodbye(self) -> Will | None:
+        """The NDEATH of a session still up, published before the DISCONNECT."""
+        if not (self._link.connected and self.node.bdseq is not None):
+            return None
+        death = self.node.ndeath()
+        return Will(death.topic, death.payload, death.qos, death.retain)
 
     # -- the session ---------------------------------------------------------------------
 
     def _will(self) -> Will:
         """Before every CONNECT: the next bdSeq, and the NDEATH that carries it as the Will."""
         death = self.node.connect()
-        self._update_health()
+        self._buffer.update_health()
         return Will(death.topic, death.payload, death.qos, death.retain)
 
     def _born(self) -> bool:
         """The node's births hold: DDATA may go out."""
         return self._link.connected and self.node.online
 
-    def _deliverable(self) -> bool:
-        return self._born() and not self._link.backlogged()
-
     def _birth(self) -> None:
         """NBIRTH and every DBIRTH, then what waits: live DDATA, then the replay."""
         # DDATA still in memory was made against the previous BIRTHs; after the new ones,
         # whose values are newer, it may only go out as history.
-        self._outbox.put([], deliverable=False)
+        self._buffer.store_pending()
         self._publish_now(self.node.births())
         self.births += 1
         self._sync_devices()
-        self._pump()
-        self._replay_wake.set()
-        self._update_health()
+        self._buffer.resume()
+        self._buffer.update_health()
 
     def _publish_now(self, messages: Sequence[SpMessage]) -> None:
         """Births and deaths: straight to the connection, in seq order, never buffered.
@@ -297,8 +233,7 @@ class SparkplugSink:
             lambda s: s.message.payload,
             v5=self._link.v5,
         )
-        self._link.queue_raw(data, len(stored))
-        self.published += len(stored)
+        self._buffer.send_raw(data, len(stored))
 
     def _sync_devices(self) -> None:
         """DBIRTH for each device that is back, DDEATH for each that went away.
@@ -319,13 +254,13 @@ class SparkplugSink:
             if alive and not born:
                 out.append(node.dbirth(device))
             elif born and not alive:
-                if self._outbox.stats["pending"] or self._outbox.to_replay:
+                if self._buffer.waiting():
                     self._deaths_waiting = True
                     continue
                 out.append(node.ddeath(device))
         if out:
             self._publish_now(out)
-            self._update_health()
+            self._buffer.update_health()
 
     async def _watch_status(self) -> None:
         bus = self.runtime.bus
@@ -351,35 +286,18 @@ class SparkplugSink:
             log.info(
                 "Sparkplug: connected; waiting for primary host %s to be online", self._host_id
             )
-        self._update_health()
+        self._buffer.update_health()
 
     def link_down(self, unsent_raw: int) -> None:
-        # Acks that arrived before the drop are real; every DDATA handed over and not
-        # acknowledged goes back to the buffer (on disk), to be replayed: at least once.
-        self.published -= unsent_raw
-        acks, self._acks = self._acks, []
-        if acks:
-            self._outbox.acked(acks)
-        self._in_flight.clear()
-        self._outbox.spill()
+        self._buffer.link_down(unsent_raw)
         self.node.offline()
-        self._update_health()
+        self._buffer.update_health()
 
     def link_writable(self) -> None:
-        # Not from inside loop_write's own bookkeeping, hence call_soon.
-        if not self._acks_scheduled and self._loop is not None:
-            self._acks_scheduled = True
-            self._loop.call_soon(self._flush_acks)
+        self._buffer.link_writable()
 
     def link_acked(self, mid: int) -> bool:
-        id_ = self._in_flight.pop(mid, None)
-        if id_ is None:
-            return False
-        self._acks.append(id_)
-        if not self._acks_scheduled and self._loop is not None:
-            self._acks_scheduled = True
-            self._loop.call_soon(self._flush_acks)
-        return True
+        return self._buffer.link_acked(mid)
 
     def link_message(self, topic: str, payload: bytes) -> None:
         if topic == self._state_topic:
@@ -394,13 +312,9 @@ class SparkplugSink:
         if command.message_type is MessageType.NCMD:
             self._on_ncmd(payload)
         elif command.device_id is not None:
-            task = asyncio.get_running_loop().create_task(
-                self._on_dcmd(command.device_id, topic, payload),
-                name=f"sparkplug[dcmd {command.device_id}]",
+            self._buffer.spawn(
+                self._on_dcmd(command.device_id, topic, payload), f"dcmd {command.device_id}"
             )
-            self._commands.add(task)
-            task.add_done_callback(self._commands.discard)
-            task.add_done_callback(self._crashed)
 
     async def _on_dcmd(self, device_id: str, topic: str, payload: bytes) -> None:
         """A DCMD: each metric (by name or alias) is a write through the runtime, with the
@@ -479,7 +393,7 @@ class SparkplugSink:
                 "Sparkplug: primary host %s is offline; data is buffered until it is online",
                 self._host_id,
             )
-        self._update_health()
+        self._buffer.update_health()
 
     # -- data ----------------------------------------------------------------------------
 
@@ -505,37 +419,27 @@ class SparkplugSink:
             ts_ms = round(max(r.source_ts for r in readings) * 1000)
             out.append(Message(ddata.topic, ddata.payload, self._qos, False, ts_ms, synced))
         if out:
-            self._offer(out)
+            self._buffer.offer(out)
 
     def _unknown(self, key: TagKey) -> None:
         if key not in self._unknown_keys:
             self._unknown_keys.add(key)
             log.warning("Sparkplug: tag %s is not in the NBIRTH; its values are not sent", key)
 
-    # -- the buffer and the wire ---------------------------------------------------------
+    # -- what the buffer asks of the sink (BufferUser) -----------------------------------
 
-    def _offer(self, messages: list[Message]) -> None:
-        deliverable = self._deliverable()
-        self._outbox.put(messages, deliverable=deliverable)
-        if deliverable:
-            self._pump()
+    def buffer_ready(self) -> bool:
+        return self._born()
 
-    def _pump(self) -> None:
-        """Live DDATA waiting in memory, to the connection."""
-        if self._deliverable():
-            n = self._link.room(PUMP_CHUNK) if self._qos else PUMP_CHUNK
-            live = self._outbox.next_live(n)
-            if live:
-                self._send(live)
-
-    def _send(self, stored: list[Stored]) -> None:
-        """Buffered DDATA, each stamped with the next seq as it goes, as raw PUBLISH packets."""
+    def buffer_wire(self, rows: list[Stored]) -> tuple[list[Stored], Callable[[Stored], bytes]]:
+        """Buffered DDATA, each stamped with the next seq as it goes (seq belongs to the
+        session that sends it), with this session's aliases."""
         node = self.node
         now_ms = round(time.time() * 1000)
         wire: dict[int, bytes] = {}
         ready: list[Stored] = []
         unusable: list[int] = []
-        for s in stored:
+        for s in rows:
             m = s.message
             payload = None
             device = m.topic[len(self._ddata_prefix) :]
@@ -560,115 +464,29 @@ class SparkplugSink:
             wire[s.id] = payload
             ready.append(s)
         if unusable:
-            self.dropped_unusable += len(unusable)
-            self._outbox.acked(unusable)
-        if not ready:
-            return
-        link = self._link
-        data, mids = encode_publishes(
-            ready, link.next_mid, self._topic_parts, lambda s: wire[s.id], v5=link.v5
-        )
-        self._in_flight.update(mids)
-        link.queue_raw(data, len(ready))
-        self.published += len(ready)
-        # QoS 0: written to the connection is as acknowledged as it gets.
-        if not self._qos:
-            self._outbox.acked([s.id for s in ready])
+            self._buffer.discard(unusable)
+        return ready, lambda s: wire[s.id]
 
-    def _flush_acks(self) -> None:
-        self._acks_scheduled = False
-        acks, self._acks = self._acks, []
-        if acks:
-            self._outbox.acked(acks)
-        self._pump()
-        self._replay_wake.set()
+    def buffer_acked(self) -> None:
         if self._deaths_waiting:
             self._sync_devices()
-        self._update_health()
+        # Forced, not at most every HEALTH_EVERY_S as from the other hot paths: what this
+        # sink always did (the UNS sink does not update here at all).
+        self._buffer.update_health()
 
-    async def _replay(self) -> None:
-        """What waited on disk, oldest first, at ``buffer.replay_rate``, beside live data."""
-        box = self._outbox
-        wake = self._replay_wake
-        while True:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(0.5):
-                    await wake.wait()
-            wake.clear()
-            self._rebase_on_steps()
-            # At least every half second, so an idle sink's page is current too.
-            self._update_health(force=False)
-            await replay_stored(
-                box,
-                self._link,
-                qos=self._qos,
-                may_send=self._deliverable,
-                send=self._send,
-                sent=lambda: self._update_health(force=False),
-            )
-            if self._deaths_waiting:
-                self._sync_devices()
+    def buffer_replayed(self) -> None:
+        if self._deaths_waiting:
+            self._sync_devices()
 
-    def _rebase_on_steps(self) -> None:
-        self._steps_seen = rebase_buffer(
-            self.runtime.clock, self._steps_seen, self._outbox, "Sparkplug DDATA buffer"
-        )
-
-    async def _flush(self, seconds: float) -> None:
-        """Wait (bounded) until every live DDATA handed over is written and acknowledged."""
-        if not self._born():
-            return
-        self._pump()
-
-        def done() -> bool:
-            return not self._link.connected or (
-                self._link.idle() and self._outbox.stats["pending"] == 0 and not self._in_flight
-            )
-
-        await wait_until(done, seconds)
-        self._flush_acks()
-        self._update_health()
-
-    # -- health --------------------------------------------------------------------------
-
-    def _update_health(self, *, force: bool = True) -> None:
-        if not force:
-            # The hot paths: at most HEALTH_EVERY_S apart (the oldest message's age is a
-            # SQLite read).
-            now = time.monotonic()
-            if now - self._health_at < HEALTH_EVERY_S:
-                return
-            self._health_at = now
-        h = self._health
-        link = self._link
+    def buffer_health(self, health: dict[str, object], stats: dict[str, int]) -> None:
         node = self.node
-        st = self._outbox.stats
-        h["connected"] = link.connected
-        h["broker"] = link.broker
-        h["node"] = f"{node.group_id}/{node.edge_node_id}"
-        h["bdseq"] = node.bdseq
-        h["seq"] = (node.seq - 1) % 256 if node.online else None
-        h["births"] = self.births
-        h["primary_host"] = self._host_id
-        h["host_online"] = self._host_online
-        h["queued"] = st["queued_messages"]
-        h["buffered"] = st["stored"]
-        oldest = self._outbox.oldest_ts_ms() if st["queued_messages"] else None
-        h["oldest_age_s"] = None if oldest is None else round(time.time() - oldest / 1000, 1)
-        h["published"] = self.published
-        h["replayed"] = st["replayed"]
-        h["dropped"] = (
-            st["dropped_full"] + st["dropped_age"] + st["dropped_io"] + self.dropped_unusable
-        )
-        h["dropped_full"] = st["dropped_full"]
-        h["dropped_age"] = st["dropped_age"]
-        h["dropped_io"] = st["dropped_io"]
-        h["dropped_unusable"] = self.dropped_unusable
-        h["reconnects"] = link.reconnects
-        h["protocol"] = link.protocol
-        h["tls"] = link.tls_version
-        h["refused"] = link.refused
-        h["last_error"] = link.last_error or self._outbox.last_error
+        health["node"] = f"{node.group_id}/{node.edge_node_id}"
+        health["bdseq"] = node.bdseq
+        health["seq"] = (node.seq - 1) % 256 if node.online else None
+        health["births"] = self.births
+        health["primary_host"] = self._host_id
+        health["host_online"] = self._host_online
+        health["dropped_unusable"] = self._buffer.discarded
 
 
 def _parse_state(payload: bytes) -> tuple[bool, int] | None:
