@@ -5,17 +5,24 @@
 # good SIGHUP reload, a bad one refused while the service keeps running, a hung event loop
 # killed by the watchdog and restarted, and a clean stop. Called by rootfs-check.sh --boot:
 #
-#   deploy/rootfs-boot.sh ROOTFS
+#   deploy/rootfs-boot.sh ROOTFS [--with-broker]
+#
+# --with-broker: first run the bundle's install.sh --with-broker inside the booted container
+# (mosquitto from Debian's packages, enabled by systemd, a loopback listener on 127.0.0.1:1883
+# with a password), and point the gateway at it instead of rootfs-check.sh's test broker.
 #
 # It uses /etc/retrofit-gateway/local.yaml, which rootfs-check.sh wrote. The container shares this machine's network (no --private-network), so the simulator and
 # broker that rootfs-check.sh started on 127.0.0.1 are reachable and every listener stays on
 # 127.0.0.1. Prints one JSON object: what the self-test inside saw.
 set -euo pipefail
 ROOT=${1:?rootfs}
+WITH_BROKER=0
+[ "${2:-}" = --with-broker ] && WITH_BROKER=1
 command -v systemd-nspawn >/dev/null || { echo "systemd-nspawn missing: apt-get install systemd-container" >&2; exit 1; }
 
 # The self-test runs inside as a oneshot unit once the container reached multi-user, writes
-# its findings to /root/selftest.json and powers the container off.
+# its findings to /root/selftest.json and powers the container off. The journal persists in the
+# rootfs, so every query is about this boot only (-b).
 cat >"$ROOT/root/selftest.sh" <<'EOS'
 #!/bin/bash
 set -u
@@ -27,11 +34,24 @@ wait_for() {  # wait_for SECONDS COMMAND...: poll until the command succeeds
   local end=$((SECONDS + $1)); shift
   until "$@"; do ((SECONDS < end)) || return 1; sleep 0.5; done
 }
-journal() { journalctl -u "$U" --no-pager -o cat; }
+journal() { journalctl -b -u "$U" --no-pager -o cat; }
 
 # The technician's edit: the installed example pointed at this machine's simulator and ports.
 cp "$CFG" /root/gateway.yaml.installed
 cp /etc/retrofit-gateway/local.yaml "$CFG"
+
+if [ -e /root/selftest-with-broker ]; then
+  # The broker on the box, as a technician installs it: the bundle's install.sh under a running
+  # systemd (mosquitto from Debian, enabled, a password for user gateway).
+  bash /root/bundle/install.sh --with-broker >/root/selftest-install.log 2>&1
+  R[broker_install_rc]=$?
+  R[broker_mosquitto]=$(systemctl is-active mosquitto)
+  # Listening sockets (state 0A) on port 1883 (075B): the address must be 127.0.0.1 only.
+  R[broker_listen]=$(awk '$4 == "0A" && $2 ~ /:075B$/ {print $2}' /proc/net/tcp /proc/net/tcp6 | sort -u | tr '\n' ' ')
+  R[broker_anonymous]=$(grep -h '^allow_anonymous' /etc/mosquitto/conf.d/retrofit-gateway.conf)
+  awk '/^mqtt:/ {m = 1} m && /^  port: / {sub(/[0-9]+$/, "1883"); m = 0} {print}' "$CFG" >"$CFG.new"
+  cat "$CFG.new" >"$CFG"; rm -f "$CFG.new"
+fi
 
 t0=$(date +%s.%N)
 systemctl start "$U"; R[start_rc]=$?
@@ -44,6 +64,10 @@ R[user]=$(ps -o user= -p "$PID" | tr -d ' ')
 R[cap_eff]=$(awk '/^CapEff/ {print $2}' "/proc/$PID/status")
 R[no_new_privs]=$(awk '/^NoNewPrivs/ {print $2}' "/proc/$PID/status")
 R[rss_mb]=$(awk '/^VmRSS/ {printf "%.1f", $2 / 1024}' "/proc/$PID/status")
+if [ -e /root/selftest-with-broker ]; then
+  wait_for 60 bash -c "journalctl -b -u $U --no-pager -o cat | grep -q 'MQTT: connected to 127.0.0.1:1883'"
+  R[broker_connected]=$(journal | grep -m1 'MQTT: connected to 127.0.0.1:1883' || true)
+fi
 
 # WatchdogSec=30: the gateway pings every 15 s; the timestamp must move.
 w0=$(prop WatchdogTimestampMonotonic)
@@ -62,7 +86,7 @@ R[reload_same_pid]=$([ "$(prop MainPID)" = "$PID" ] && echo true || echo false)
 cp "$CFG" /root/gateway.yaml.good
 printf 'gateway:\n  name: shop-gw\n  bogus_key: 1\ndevices: []\n' >"$CFG"
 systemctl reload "$U"
-wait_for 60 bash -c "journalctl -u $U --no-pager -o cat | grep -q 'reload refused'"
+wait_for 60 bash -c "journalctl -b -u $U --no-pager -o cat | grep -q 'reload refused'"
 R[bad_reload_logged]=$(journal | grep -m1 'reload refused' || true)
 sleep 2
 R[bad_reload_active]=$(systemctl is-active "$U")
@@ -75,7 +99,7 @@ kill -STOP "$PID"
 wait_for 90 bash -c "[ \"\$(systemctl show -p NRestarts --value $U)\" != $restarts0 ]"
 wait_for 120 bash -c "[ \"\$(systemctl is-active $U)\" = active ]"
 R[watchdog_restarts]=$(( $(prop NRestarts) - restarts0 ))
-R[watchdog_logged]=$(journalctl -u "$U" --no-pager -o cat | grep -m1 -i 'watchdog timeout' || true)
+R[watchdog_logged]=$(journalctl -b -u "$U" --no-pager -o cat | grep -m1 -i 'watchdog timeout' || true)
 R[active_after_watchdog]=$(systemctl is-active "$U")
 R[new_pid]=$([ "$(prop MainPID)" != "$PID" ] && echo true || echo false)
 
@@ -107,8 +131,13 @@ WantedBy=multi-user.target
 EOS
 ln -sf /etc/systemd/system/retrofit-selftest.service \
   "$ROOT/etc/systemd/system/multi-user.target.wants/retrofit-selftest.service"
-# The container has no getty to wait for, and no network to configure.
-rm -f "$ROOT/root/selftest.json"
+rm -f "$ROOT/root/selftest.json" "$ROOT/root/selftest-with-broker"
+if ((WITH_BROKER)); then
+  # The container shares this machine's network: mosquitto's 127.0.0.1:1883 must be free.
+  python3 -c 'import socket, sys; s = socket.socket(); sys.exit(s.connect_ex(("127.0.0.1", 1883)) == 0)' \
+    || { echo "rootfs-boot.sh: 127.0.0.1:1883 is in use here; --with-broker needs it" >&2; exit 1; }
+  touch "$ROOT/root/selftest-with-broker"
+fi
 
 timeout 900 systemd-nspawn --quiet --boot --register=no --keep-unit --directory="$ROOT" \
   --console=pipe >"$ROOT.boot.log" 2>&1 </dev/null || true

@@ -32,13 +32,14 @@ MIRROR=http://deb.debian.org/debian
 BUNDLE=""
 FRESH=0
 BOOT=0
+WITH_BROKER=""
 STEADY=30
 HOST_PY=${PYTHON:-python3}
 
 usage() {
   cat <<'EOF'
 usage: rootfs-check.sh [--arch arm64|amd64] [--dir DIR] [--mirror URL] [--bundle DIR]
-                       [--fresh] [--boot] [--steady SECONDS]
+                       [--fresh] [--boot [--with-broker]] [--steady SECONDS]
   --arch      Debian architecture of the rootfs (default arm64)
   --dir       where the rootfs lives (default /var/tmp/retrofit-rootfs-<arch>)
   --mirror    Debian mirror for debootstrap (default http://deb.debian.org/debian)
@@ -46,6 +47,8 @@ usage: rootfs-check.sh [--arch arm64|amd64] [--dir DIR] [--mirror URL] [--bundle
   --fresh     build the rootfs anew even if DIR holds one
   --boot      afterwards boot the rootfs with systemd-nspawn and check the unit under systemd:
               READY, watchdog, reload, a refused bad reload, stop
+  --with-broker with --boot: install.sh --with-broker inside the booted rootfs (mosquitto
+              from Debian on 127.0.0.1:1883, which must be free here) and publish to it
   --steady    seconds of polling after READY over which CPU and RSS are measured (default 30)
 EOF
 }
@@ -60,6 +63,7 @@ while (($#)); do
     --bundle) BUNDLE=${2:?}; shift 2 ;;
     --fresh) FRESH=1; shift ;;
     --boot) BOOT=1; shift ;;
+    --with-broker) WITH_BROKER=--with-broker; shift ;;
     --steady) STEADY=${2:?}; shift 2 ;;
     -h|--help) usage; exit 0 ;;
     *) usage >&2; die "unknown argument: $1" ;;
@@ -70,6 +74,7 @@ case $ARCH in
   amd64) PYARCH=x86_64; QEMU="" ;;
   *) die "--arch arm64 or amd64 (armhf lacks wheels on PyPI: see make-wheelhouse.sh)" ;;
 esac
+[ -n "$WITH_BROKER" ] && ! ((BOOT)) && die "--with-broker goes with --boot"
 DIR=${DIR:-/var/tmp/retrofit-rootfs-$ARCH}
 DIR=$(realpath -m "$DIR")
 [ "$(id -u)" = 0 ] || die "run as root (debootstrap, chroot and mounts need it)"
@@ -324,7 +329,7 @@ echo "$RUN2"
 BOOT_JSON='{}'
 if ((BOOT)); then
   say "booting the rootfs with systemd-nspawn: the unit under systemd"
-  BOOT_JSON=$(bash "$SELF_DIR/rootfs-boot.sh" "$DIR")
+  BOOT_JSON=$(bash "$SELF_DIR/rootfs-boot.sh" "$DIR" $WITH_BROKER)
 fi
 
 "$HOST_PY" - "$DIR.json" <<EOF
