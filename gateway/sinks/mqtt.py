@@ -1516,14 +1516,21 @@ class BufferedPublisher:
 
     # -- health --------------------------------------------------------------------------
 
-    def update_health(self, *, force: bool = True) -> None:
+    def update_health(self, *, force: bool = True, counters: bool = False) -> None:
         """The sink's health entry; ``force=False`` from the hot paths: at most every
-        HEALTH_EVERY_S (the oldest message's age is a SQLite read)."""
+        HEALTH_EVERY_S (the oldest message's age scans the messages in flight and is a
+        SQLite read). With ``counters`` as well, the calls in between still bring the
+        counters up to date, keeping the oldest age of the last full update (None at once
+        when nothing is queued, which costs nothing to know)."""
+        age = True
         if not force:
             now = time.monotonic()
             if now - self._health_at < HEALTH_EVERY_S:
-                return
-            self._health_at = now
+                if not counters:
+                    return
+                age = False
+            else:
+                self._health_at = now
         h = self.health
         link = self.link
         st = self.outbox.stats
@@ -1532,8 +1539,11 @@ class BufferedPublisher:
         self._user.buffer_health(h, st)
         h["queued"] = st["queued_messages"]
         h["buffered"] = st["stored"]
-        oldest = self.outbox.oldest_ts_ms() if st["queued_messages"] else None
-        h["oldest_age_s"] = None if oldest is None else round(time.time() - oldest / 1000, 1)
+        if not st["queued_messages"]:
+            h["oldest_age_s"] = None
+        elif age:
+            oldest = self.outbox.oldest_ts_ms()
+            h["oldest_age_s"] = None if oldest is None else round(time.time() - oldest / 1000, 1)
         h["published"] = self.published
         h["replayed"] = st["replayed"]
         h["dropped"] = st["dropped_full"] + st["dropped_age"] + st["dropped_io"] + self.discarded

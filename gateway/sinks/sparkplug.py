@@ -469,10 +469,13 @@ class SparkplugSink:
 
     def buffer_acked(self) -> None:
         if self._deaths_waiting:
+            # A DDEATH that waited for the buffered DDATA goes as soon as that is acked;
+            # _sync_devices updates the health entry itself when it sends one.
             self._sync_devices()
-        # Forced, not at most every HEALTH_EVERY_S as from the other hot paths: what this
-        # sink always did (the UNS sink does not update here at all).
-        self._buffer.update_health()
+        # Once per batch of PUBACKs: the full entry at most every HEALTH_EVERY_S, like the
+        # other busy paths (its oldest age scans the messages in flight and reads SQLite);
+        # in between only the counters, so "queued", "seq" and the rest stay exact.
+        self._buffer.update_health(force=False, counters=True)
 
     def buffer_replayed(self) -> None:
         if self._deaths_waiting:
