@@ -21,7 +21,17 @@ itself runs 8N1 because ptys reject parity):
 Pure Python on the file descriptor (no pymodbus, no pyserial), so the peer shares no code
 with the master it measures. On SIGTERM it prints one JSON line of counters and exits.
 
-Usage: python bench/rtu_slave.py --port PTY --baud 19200 --units 1,2,3,4 [--turnaround 0]
+``--fd N`` instead of ``--port``: serve an inherited file descriptor, the master side of a pty
+whose tty the master under test opens (no socat process between the two; see rtu_bus.py).
+
+``--realtime``: run under SCHED_FIFO if allowed (root or CAP_SYS_NICE; otherwise as before, and
+the JSON line says so). A slave's timing is hardware's on a real line; on a busy machine a
+normal process wakes up to milliseconds late for its last byte, and that lateness would be
+counted against the master. It sleeps in select or time.sleep between frames and spins at most
+0.2 ms before a byte is due, so it takes a CPU from nobody for long.
+
+Usage: python bench/rtu_slave.py (--port PTY | --fd N) --baud 19200 --units 1,2,3,4
+       [--turnaround 0]
 """
 
 from __future__ import annotations
@@ -135,6 +145,7 @@ class Slave:
         self.ignored: Counter[int] = Counter()
         self.bad_crc = 0
         self.stopping = False
+        self.realtime = False
 
     def serve(self) -> None:
         buf = bytearray()
@@ -183,24 +194,36 @@ class Slave:
             "answered": {str(k): v for k, v in sorted(self.answered.items())},
             "ignored": {str(k): v for k, v in sorted(self.ignored.items())},
             "bad_crc": self.bad_crc,
+            "realtime": self.realtime,
         }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--port", required=True, help="the slave's end of a pty pair")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--port", help="the slave's end of a pty pair")
+    where.add_argument("--fd", type=int, help="an inherited descriptor: a pty's master side")
     parser.add_argument("--baud", type=int, default=19200)
     parser.add_argument("--units", default="1", help="unit ids served, comma separated")
     parser.add_argument("--turnaround", type=float, default=0.0, help="seconds")
     parser.add_argument(
         "--quantum", type=float, default=0.0005, help="coarsest pacing step, seconds"
     )
+    parser.add_argument("--realtime", action="store_true", help="SCHED_FIFO if allowed")
     args = parser.parse_args()
-    fd = os.open(args.port, os.O_RDWR | os.O_NOCTTY)
+    realtime = False
+    if args.realtime:
+        try:
+            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(10))
+            realtime = True
+        except (AttributeError, OSError):
+            pass
+    fd = args.fd if args.port is None else os.open(args.port, os.O_RDWR | os.O_NOCTTY)
     tty.setraw(fd)
     termios.tcflush(fd, termios.TCIOFLUSH)
     units = {int(u) for u in args.units.split(",") if u}
     slave = Slave(fd, args.baud, units, args.turnaround, args.quantum)
+    slave.realtime = realtime
 
     def stop(signum: int, frame: object) -> None:
         slave.stopping = True
