@@ -516,7 +516,10 @@ class MqttLink:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task[None] | None = None
         self.fd: int | None = None
+        #: paho has something to write (its register_write); a write is scheduled or waits
+        #: for the socket. ``_writer``: an event-loop writer is added for the rest.
         self._writing = False
+        self._writer = False
         self._lost = asyncio.Event()
         self._connack: asyncio.Future[None] | None = None
         self._lost_reason = ""
@@ -1022,6 +1025,7 @@ class MqttLink:
             self._loop.remove_reader(fd)
             self._loop.remove_writer(fd)
         self._writing = False
+        self._writer = False
 
     # -- paho callbacks (run inside loop_read / loop_write / reconnect) --------------------
 
@@ -1078,14 +1082,31 @@ class MqttLink:
         self.user.link_down(unsent)
 
     def _on_socket_register_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        # Written in this turn of the event loop, not after the selector says writable: the
+        # socket almost always is, and a writer costs two epoll_ctl calls and a select
+        # wake-up per message. Only what the socket did not take waits for a writer.
+        # call_soon, not now: paho calls this from inside its own code (and our batch may be
+        # half done), where a write's failure must not close the connection under it.
         if self.fd is not None and self._loop is not None and not self._writing:
             self._writing = True
+            self._loop.call_soon(self._write_soon, client, sock)
+
+    def _write_soon(self, client: mqtt.Client, sock: Any) -> None:
+        if not self._writing or client.socket() is not sock:
+            return  # closed meanwhile
+        client.loop_write()
+        # Still registered with paho (it does not call us again): the rest waits for a writer.
+        if self._writing and not self._writer and client.socket() is sock and self.fd is not None:
+            assert self._loop is not None
+            self._writer = True
             self._loop.add_writer(self.fd, client.loop_write)
 
     def _on_socket_unregister_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
-        if self._writing and self.fd is not None and self._loop is not None:
+        if self._writing:
             self._writing = False
-            self._loop.remove_writer(self.fd)
+            if self._writer and self.fd is not None and self._loop is not None:
+                self._loop.remove_writer(self.fd)
+            self._writer = False
         if self.connected:
             self.user.link_writable()
 
@@ -1415,7 +1436,11 @@ class BufferedPublisher:
     def resume(self) -> None:
         """The sink may send (again): what waits in memory now, then the replay."""
         self.pump()
-        self._replay_wake.set()
+        if self.outbox.to_replay:
+            # Only with something to replay: this runs after every write and every batch of
+            # acks, and a woken replay task costs a timeout set up and torn down each time.
+            # Its half-second tick does the rest (clock steps, health).
+            self._replay_wake.set()
 
     def pump(self) -> None:
         """Live messages waiting in memory, to the connection."""
