@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 __all__ = [
+    "DataType",
     "Quality",
     "RawSample",
     "ReadGroup",
@@ -27,6 +28,51 @@ Value = bool | int | float | str
 
 #: ``"<machine>/<tag>"``: unique across the gateway, and the tail of the MQTT topic.
 TagKey = str
+
+
+class DataType(enum.StrEnum):
+    """What ``TagSpec.datatype`` holds: the Modbus driver's data types, which every driver's
+    tags map onto. A StrEnum, so a plain string compares equal to its member; look a string
+    up with :meth:`of`."""
+
+    BOOL = "bool"
+    BIT = "bit"
+    INT16 = "int16"
+    UINT16 = "uint16"
+    INT32 = "int32"
+    UINT32 = "uint32"
+    INT64 = "int64"
+    UINT64 = "uint64"
+    FLOAT32 = "float32"
+    FLOAT64 = "float64"
+    BCD16 = "bcd16"
+    BCD32 = "bcd32"
+    STRING = "string"
+
+    @classmethod
+    def of(cls, name: str) -> DataType | None:
+        """The member named by a ``TagSpec.datatype`` string; None for one we do not know."""
+        try:
+            return cls(name)
+        except ValueError:
+            return None
+
+    @property
+    def is_integer(self) -> bool:
+        """Whole numbers: the signed and unsigned integers and BCD."""
+        return self in _INTEGER
+
+    @property
+    def is_numeric(self) -> bool:
+        """A number: the integers and both floats (not bool, bit or string)."""
+        return self in _INTEGER or self in _FLOAT
+
+
+_INTEGER = frozenset(
+    {DataType.INT16, DataType.UINT16, DataType.INT32, DataType.UINT32, DataType.INT64,
+     DataType.UINT64, DataType.BCD16, DataType.BCD32}
+)  # fmt: skip
+_FLOAT = frozenset({DataType.FLOAT32, DataType.FLOAT64})
 
 
 class Quality(enum.IntEnum):

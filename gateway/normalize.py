@@ -9,7 +9,7 @@ import functools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 
-from gateway.model import Quality, RawSample, Reading, Reason, TagKey, TagSpec, Value
+from gateway.model import DataType, Quality, RawSample, Reading, Reason, TagKey, TagSpec, Value
 
 __all__ = ["DeviceNormalizer", "bad", "normalize"]
 
@@ -121,11 +121,6 @@ class DeviceNormalizer:
         return out
 
 
-_INTEGER_TYPES = frozenset(
-    {"int16", "uint16", "int32", "uint32", "int64", "uint64", "bcd16", "bcd32"}
-)
-
-
 def to_engineering(spec: TagSpec, raw: Value) -> Value:
     """A raw value in engineering units, as a poll would show it (for a write's read-back)."""
     if isinstance(raw, bool | str) or (spec.scale == 1.0 and spec.offset == 0.0):
@@ -142,7 +137,8 @@ def to_raw(spec: TagSpec, value: Value) -> Value:
     if isinstance(value, bool | str) or spec.datatype in ("bool", "bit", "string"):
         return value
     raw = (value - spec.offset) / spec.scale
-    if spec.datatype not in _INTEGER_TYPES:
+    datatype = DataType.of(spec.datatype)
+    if datatype is None or not datatype.is_integer:
         return raw
     whole = round(raw)
     if abs(raw - whole) > 1e-9 * max(1.0, abs(raw)):

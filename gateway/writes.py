@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from gateway.errors import DeviceError, WriteRefused
-from gateway.model import Reading, TagKey, TagSpec, Value
+from gateway.model import DataType, Reading, TagKey, TagSpec, Value
 from gateway.normalize import to_engineering, to_raw
 
 __all__ = ["AuditLog", "WritableDriver", "WriteResult", "WriteService"]
@@ -212,18 +212,13 @@ class WriteService:
         return WriteResult(key, checked, back)
 
 
-_NUMBER_TYPES = frozenset(
-    {"int16", "uint16", "int32", "uint32", "int64", "uint64", "bcd16", "bcd32", "float32",
-     "float64"}
-)  # fmt: skip
-
-
 def _check_type(spec: TagSpec, value: object) -> Value:
     if spec.datatype in ("bool", "bit"):
         if not isinstance(value, bool):
             raise WriteRefused("bad_type", f"{spec.key} takes true or false, not {value!r}")
         return value
-    if spec.datatype in _NUMBER_TYPES:
+    datatype = DataType.of(spec.datatype)
+    if datatype is not None and datatype.is_numeric:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise WriteRefused("bad_type", f"{spec.key} takes a number, not {value!r}")
         if isinstance(value, float) and not math.isfinite(value):

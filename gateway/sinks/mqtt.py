@@ -126,7 +126,7 @@ from gateway.clock import ClockWatch
 from gateway.config import BrokerSection, BufferSection, MqttSection
 from gateway.errors import WriteRefused
 from gateway.logutil import OnceLogger
-from gateway.model import Quality, Reading, Reason, TagKey, TagSpec, Value
+from gateway.model import DataType, Quality, Reading, Reason, TagKey, TagSpec, Value
 from gateway.outbox import Message, Outbox, Stored
 from gateway.runner import Backoff
 from gateway.sinks.base import RuntimeView
@@ -192,10 +192,6 @@ _BAD_LOGIN = frozenset({134, 135})  # bad user name or password, not authorized
 _ONLINE = b'{"state":"online"}'
 _OFFLINE = b'{"state":"offline"}'
 _QUALITY = {Quality.GOOD: "good", Quality.UNCERTAIN: "uncertain", Quality.BAD: "bad"}
-_NUMERIC = frozenset(
-    {"int16", "uint16", "int32", "uint32", "int64", "uint64", "float32", "float64", "bcd16",
-     "bcd32"}
-)  # fmt: skip
 
 
 def _json_str(text: str) -> str:
@@ -381,7 +377,8 @@ class _Tag:
         self.good = f',"unit":{unit},"quality":"good"'
         self.unit_q = f',"unit":{unit},"quality":"'
         self.dev_head = f'{_json_str(spec.name)}:{{"value":'
-        self.deadband = spec.deadband if spec.datatype in _NUMERIC else None
+        datatype = DataType.of(spec.datatype)
+        self.deadband = spec.deadband if datatype is not None and datatype.is_numeric else None
         # Nothing published yet: the first reading always differs (quality None).
         self.value: Value | None = None
         self.quality: Quality | None = None
