@@ -14,7 +14,12 @@ socket this bench listens on, and ready is the ``READY=1`` datagram. Measured pe
 Two data-directory modes, both reported: ``first`` (a fresh data dir per run: the OPC UA
 certificate is made on that start, and there is no shelf of the standard address space)
 and ``later`` (one data dir kept across runs, after one unmeasured start that made the
-certificate and ran until it had written the shelf, about a minute). ``--no-opcua`` leaves
+certificate and ran until it had written the shelf, with ``SHELF_DELAY_S`` set to 1 s through
+``$RETROFIT_GW_SHELF_DELAY_S``, a bench-only override). A third mode, ``shelf`` (``--mode all``
+runs the three), measures what making the shelf costs the gateway: a first start with
+``SHELF_DELAY_S`` = ``--shelf-delay``, RSS at READY=1 and ``--settle`` s later, then
+``rss_after_shelf_mb``/``hwm_after_shelf_mb`` ``--settle`` s after the shelf appeared, with
+the seconds the child process took and its own peak RSS from the sink's log. ``--no-opcua`` leaves
 the OPC UA sink out, to see what it costs. ``--importtime`` adds one run under
 ``python -X importtime`` and reports the outermost imports and the packages by cumulative
 import time.
@@ -23,8 +28,8 @@ Every child is terminated (killed if it does not exit) and reaped in ``finally``
 
 Prints one JSON line (medians over the runs, and every run's numbers).
 
-Usage: python bench/startup.py [--runs 5] [--settle 5] [--mode first|later|both]
-       [--no-opcua] [--mqtt] [--importtime]
+Usage: python bench/startup.py [--runs 5] [--settle 5] [--mode first|later|shelf|both|all]
+       [--shelf-delay 15] [--no-opcua] [--mqtt] [--importtime]
 """
 
 from __future__ import annotations
@@ -48,6 +53,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT_S = 120.0
 INIT_RE = re.compile(r"asyncua init ([0-9.]+) s")
+#: The OPC UA sink's line once the shelf is written (the child's peak RSS since it is made in a
+#: child process).
+MADE_RE = re.compile(
+    r"wrote the standard address space to \S+ in ([0-9.]+) s"
+    r"(?: \(child process, peak ([0-9.]+) MB)?"
+)
 SHELF_GLOB = "data/opcua-aspace-*/manifest.json"
 
 
@@ -131,16 +142,24 @@ def vm(pid: int) -> dict[str, float]:
 
 
 def one_run(
-    config: Path, settle: float, extra: list[str] | None = None, wait_for: str | None = None
+    config: Path,
+    settle: float,
+    extra: list[str] | None = None,
+    wait_for: str | None = None,
+    shelf_delay: float | None = None,
 ) -> dict[str, object]:
     """One start to READY=1; then ``settle`` seconds, and until ``wait_for`` (a glob in the
-    config's folder) matches a file, if given (bounded)."""
+    config's folder) matches a file, if given (bounded), and ``settle`` seconds more.
+    ``shelf_delay``: the OPC UA sink's ``SHELF_DELAY_S`` for this run (an environment variable
+    for benches, not a setting)."""
     with tempfile.TemporaryDirectory() as tmp:
         address = str(Path(tmp) / "notify")
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
             sock.bind(address)
             env = dict(os.environ, NOTIFY_SOCKET=address, PYTHONUNBUFFERED="1")
             env.pop("WATCHDOG_USEC", None)
+            if shelf_delay is not None:
+                env["RETROFIT_GW_SHELF_DELAY_S"] = str(shelf_delay)
             log = Path(tmp) / "stderr"
             with log.open("wb") as err:
                 args = [sys.executable, *(extra or []), "-m", "gateway", "run", str(config)]
@@ -165,10 +184,15 @@ def one_run(
                     while wait_for and not list(config.parent.glob(wait_for)):
                         if time.monotonic() > until or p.poll() is not None:
                             raise RuntimeError(f"no {wait_for} after 300 s")
-                        time.sleep(0.5)
+                        time.sleep(0.2)
+                    made_s = time.monotonic() - t0 - ready_s
+                    after = vm(p.pid)
+                    if wait_for:
+                        time.sleep(settle)
+                        after = vm(p.pid)
             text = log.read_text(errors="replace")
     found = INIT_RE.search(text)
-    return {
+    run: dict[str, object] = {
         "ready_s": round(ready_s, 3),
         "init_s": float(found.group(1)) if found else None,
         "rss_ready_mb": at_ready["VmRSS"],
@@ -176,6 +200,18 @@ def one_run(
         "hwm_mb": settled["VmHWM"],
         "stderr": text,
     }
+    if wait_for:
+        made = MADE_RE.search(text)
+        run.update(
+            {
+                "shelf_made_after_ready_s": round(made_s, 1),
+                "rss_after_shelf_mb": after["VmRSS"],
+                "hwm_after_shelf_mb": after["VmHWM"],
+                "shelf_make_s": float(made.group(1)) if made else None,
+                "shelf_child_peak_mb": float(made.group(2)) if made and made.group(2) else None,
+            }
+        )
+    return run
 
 
 def importtime(text: str, top: int = 12) -> dict[str, list[tuple[str, float]]]:
@@ -201,11 +237,20 @@ def importtime(text: str, top: int = 12) -> dict[str, list[tuple[str, float]]]:
     }
 
 
+SHELF_KEYS = (
+    "shelf_made_after_ready_s",
+    "rss_after_shelf_mb",
+    "hwm_after_shelf_mb",
+    "shelf_make_s",
+    "shelf_child_peak_mb",
+)
+
+
 def summarize(runs: list[dict[str, object]]) -> dict[str, object]:
-    keys = ("ready_s", "init_s", "rss_ready_mb", "rss_settled_mb", "hwm_mb")
+    keys = ("ready_s", "init_s", "rss_ready_mb", "rss_settled_mb", "hwm_mb", *SHELF_KEYS)
     out: dict[str, object] = {"n": len(runs)}
     for key in keys:
-        values = [float(r[key]) for r in runs if r[key] is not None]  # type: ignore[arg-type]
+        values = [float(r[key]) for r in runs if r.get(key) is not None]  # type: ignore[arg-type]
         if values:
             out[f"median_{key}"] = round(statistics.median(values), 3)
             out[key] = values
@@ -216,7 +261,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--settle", type=float, default=5.0)
-    ap.add_argument("--mode", choices=("first", "later", "both"), default="both")
+    ap.add_argument("--mode", choices=("first", "later", "shelf", "both", "all"), default="both")
+    ap.add_argument(
+        "--shelf-delay",
+        type=float,
+        default=15.0,
+        help="shelf mode: SHELF_DELAY_S of the measured runs (the warm-up of later uses 1 s)",
+    )
     ap.add_argument("--no-opcua", action="store_true")
     ap.add_argument("--mqtt", action="store_true", help="add an MQTT sink (starts mosquitto)")
     ap.add_argument("--importtime", action="store_true")
@@ -253,7 +304,12 @@ def main() -> None:
         )
         wait_port(sim_port)
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
-        modes = ("first", "later") if args.mode == "both" else (args.mode,)
+        modes = {
+            "both": ("first", "later"),
+            "all": ("first", "later", "shelf"),
+        }.get(args.mode, (args.mode,))
+        if args.no_opcua and "shelf" in modes:
+            ap.error("the shelf mode needs the OPC UA sink")
         for mode in modes:
             runs = []
             if mode == "later":
@@ -261,14 +317,21 @@ def main() -> None:
                 config.parent.mkdir()
                 write_config(config, sim_port, not args.no_opcua, mqtt_port)
                 # Not measured: makes the certificate and, when the OPC UA sink has been up for
-                # its SHELF_DELAY_S, the shelf of the standard address space.
-                one_run(config, 0.0, wait_for=None if args.no_opcua else SHELF_GLOB)
+                # its SHELF_DELAY_S (1 s here), the shelf of the standard address space.
+                one_run(config, 0.0, wait_for=None if args.no_opcua else SHELF_GLOB, shelf_delay=1)
             for i in range(args.runs):
-                if mode == "first":
-                    config = tmp / f"first-{i}" / "gateway.yaml"
+                if mode in ("first", "shelf"):
+                    config = tmp / f"{mode}-{i}" / "gateway.yaml"
                     config.parent.mkdir()
                     write_config(config, sim_port, not args.no_opcua, mqtt_port)
-                run = one_run(config, args.settle)
+                if mode == "shelf":
+                    # A first start: RSS at ready, ``--settle`` s later, and ``--settle`` s after
+                    # the shelf is written (``--shelf-delay`` s after the start).
+                    run = one_run(
+                        config, args.settle, wait_for=SHELF_GLOB, shelf_delay=args.shelf_delay
+                    )
+                else:
+                    run = one_run(config, args.settle)
                 run.pop("stderr")
                 runs.append(run)
             result[mode] = summarize(runs)
@@ -276,7 +339,7 @@ def main() -> None:
             config = tmp / "importtime" / "gateway.yaml"
             config.parent.mkdir()
             write_config(config, sim_port, not args.no_opcua, mqtt_port)
-            one_run(config, 0.0, wait_for=None if args.no_opcua else SHELF_GLOB)
+            one_run(config, 0.0, wait_for=None if args.no_opcua else SHELF_GLOB, shelf_delay=1)
             run = one_run(config, 0.0, ["-X", "importtime"])
             result["importtime_top_ms"] = importtime(str(run["stderr"]))
     print(json.dumps(result))

@@ -1,13 +1,20 @@
-"""The OPC UA sink's shelf of the standard address space (``_StandardNodes``): made after a
-start without one, used by the next start, and left out with one warning when it is damaged."""
+"""The OPC UA sink's shelf of the standard address space (``_StandardNodes``): made in a child
+process after a start without one, used by the next start, and left out with one warning when
+it is damaged. A child still at work when the sink stops, or past ``SHELF_TIMEOUT_S``, is killed
+and reaped and leaves nothing behind."""
 
 from __future__ import annotations
 
+import asyncio
 import dbm
 import json
 import logging
+import os
 import shutil
-import threading
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -27,12 +34,39 @@ SHELF_FILES = ("aspace", "aspace.db", "aspace.dat", "aspace.dir", "aspace.pag")
 def made_shelf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One shelf for the tests that damage a copy of it (making one takes seconds)."""
     data = tmp_path_factory.mktemp("shelf")
-    _StandardNodes(data).make(threading.Event())
+    _StandardNodes(data).make()
     return data / SHELF_NAME
 
 
 def data_dir(loaded: LoadedConfig) -> Path:
     return Gateway(loaded).data_dir
+
+
+def shelf_children() -> list[int]:
+    """Our child processes making a shelf (zombies included: they are still in /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == os.getpid() and b"_shelf_child" in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def shelf_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    return [w for w in warnings if "aspace" in w or "shelf" in w]
+
+
+def is_gone(pid: int) -> bool:
+    """Ended and reaped: no /proc entry (a zombie still has one, in state Z)."""
+    return not Path(f"/proc/{pid}").exists()
 
 
 async def standard_view(client: Client) -> list[object]:
@@ -76,8 +110,12 @@ async def test_made_after_a_start_then_used_by_the_next(
             nodes = sink._server.iserver.aspace._nodes
             if start == 0:
                 assert isinstance(nodes, dict)  # built from asyncua's code
+                await wait_for(shelf_children, 10)
+                [child] = shelf_children()
                 await wait_for(lambda: "wrote the standard address space" in caplog.text, 120)
                 assert "from the shelf" not in caplog.text
+                assert "(child process, peak " in caplog.text
+                assert is_gone(child)
             else:
                 assert not isinstance(nodes, dict)  # asyncua's LazyLoadingDict
                 assert len(nodes) < 1000  # of ~6,000: only the nodes used are loaded
@@ -93,17 +131,89 @@ async def test_made_after_a_start_then_used_by_the_next(
     assert [w for w in warnings if "aspace" in w or "shelf" in w] == []
 
 
-async def test_cancelled_while_making_leaves_nothing(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+async def test_stopped_while_making_kills_the_child_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setattr(opcua, "SHELF_DELAY_S", 0.0)
     loaded = make_config(tmp_path, free_port(), {"m": free_port()})
+    data = data_dir(loaded)
+    caplog.set_level(logging.INFO, logger="gateway.sinks.opcua")
     async with running(loaded):
-        await wait_for(
-            lambda: any(t.name.startswith("opcua-shelf") for t in threading.enumerate()), 10
-        )
-    assert not any(t.name.startswith("opcua-shelf") for t in threading.enumerate())
-    assert [p.name for p in data_dir(loaded).iterdir() if "aspace" in p.name] == []
+        await wait_for(shelf_children, 10)
+        [child] = shelf_children()
+        # Mid-make: the child has made its temporary folder.
+        await wait_for(lambda: any(".tmp-" in p.name for p in data.iterdir()), 30)
+        assert not (data / SHELF_NAME).exists()
+    assert is_gone(child)
+    assert shelf_children() == []
+    assert [p.name for p in data.iterdir() if "aspace" in p.name] == []
+    assert "wrote the standard address space" not in caplog.text
+    assert shelf_warnings(caplog) == []
+
+
+async def test_a_child_past_the_timeout_is_killed_with_one_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(opcua, "SHELF_DELAY_S", 0.0)
+    monkeypatch.setattr(opcua, "SHELF_TIMEOUT_S", 0.5)  # python alone takes longer to start
+    loaded = make_config(tmp_path, free_port(), {"m": free_port()})
+    data = data_dir(loaded)
+    caplog.set_level(logging.INFO, logger="gateway.sinks.opcua")
+    async with running(loaded) as (_, sink):
+        await wait_for(shelf_children, 10)
+        [child] = shelf_children()
+        await wait_for(lambda: "cannot write" in caplog.text, 10)
+        assert is_gone(child)
+        assert sink._standard is not None
+        assert sink._standard.wanted  # the next start tries again
+    warnings = shelf_warnings(caplog)
+    assert len(warnings) == 1, warnings
+    assert f"cannot write {data / SHELF_NAME}" in warnings[0]
+    assert "not done after 0.5 s, killed" in warnings[0]
+    assert [p.name for p in data.iterdir() if "aspace" in p.name] == []
+
+
+async def test_the_child_stopped_by_sigterm_cleans_up_and_is_no_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """systemd stopping the service signals every process of its cgroup, the child too."""
+    monkeypatch.setattr(opcua, "SHELF_DELAY_S", 0.0)
+    loaded = make_config(tmp_path, free_port(), {"m": free_port()})
+    data = data_dir(loaded)
+    caplog.set_level(logging.INFO, logger="gateway.sinks.opcua")
+    async with running(loaded):
+        await wait_for(shelf_children, 10)
+        [child] = shelf_children()
+        await wait_for(lambda: any(".tmp-" in p.name for p in data.iterdir()), 30)
+        os.kill(child, signal.SIGTERM)
+        await wait_for(lambda: "was stopped" in caplog.text, 10)
+        assert is_gone(child)
+        assert [p.name for p in data.iterdir() if "aspace" in p.name] == []
+    assert shelf_warnings(caplog) == []
+
+
+def test_the_child_removes_its_folder_itself_on_sigterm(tmp_path: Path) -> None:
+    tmp = tmp_path / f".{SHELF_NAME}.tmp-test"
+    args = [sys.executable, "-P", "-c", opcua._SHELF_CHILD, opcua._PACKAGE_ROOT]
+    child = subprocess.Popen(
+        [*args, str(tmp_path), str(tmp)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not tmp.exists():
+            assert child.poll() is None, child.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert os.getpriority(os.PRIO_PROCESS, child.pid) >= 10
+        child.send_signal(signal.SIGTERM)
+        out, err = child.communicate(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert child.returncode == opcua._SHELF_CHILD_STOPPED, err
+    assert out == b""
+    assert list(tmp_path.iterdir()) == []
 
 
 def _refresh_manifest(folder: Path) -> None:
@@ -184,3 +294,20 @@ async def test_damaged_shelf_is_left_out_with_one_warning(
     assert sink._standard is not None
     assert sink._standard.wanted
     assert [p.name for p in folder.parent.iterdir() if "aspace" in p.name] == []
+
+
+async def test_kill_reaps_the_child_even_when_cancelled_again() -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        "import sys, time; sys.stderr.write('x' * 500_000); time.sleep(60)",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,  # more than the pipe and the reader hold: drained
+    )
+    killing = asyncio.create_task(opcua._kill(proc))
+    await asyncio.sleep(0)  # killed, now waiting for it
+    killing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await killing
+    assert proc.returncode == -signal.SIGKILL
+    assert is_gone(proc.pid)
