@@ -247,7 +247,7 @@ def test_rootfs_scripts_parse_and_refuse_bad_arguments() -> None:
     # The rootfs check itself is too slow for every CI run (debootstrap + emulation, ~25 min):
     # it is run by hand and its result is in the README. Here: it parses, and it refuses what
     # it cannot do before touching anything.
-    for script in ("rootfs-check.sh", "rootfs-boot.sh"):
+    for script in ("rootfs-check.sh", "rootfs-boot.sh", "container-check.sh"):
         proc = subprocess.run(
             ["bash", "-n", str(DEPLOY / script)], capture_output=True, text=True, check=False
         )
