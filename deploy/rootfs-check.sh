@@ -7,6 +7,9 @@
 #
 #   sudo deploy/rootfs-check.sh                       # arm64, emulated: ~25 min the first time
 #   sudo deploy/rootfs-check.sh --arch amd64          # native, the same steps: the baseline
+#   sudo deploy/rootfs-check.sh --arch armhf          # 32-bit (armv7l), emulated; the bundle's
+#                                                     # PyYAML and cffi wheels are built here by
+#                                                     # make-wheelhouse.sh --build-missing
 #   sudo deploy/rootfs-check.sh --boot                # also boot the rootfs with systemd-nspawn
 #                                                     # and run the unit under a real systemd
 #
@@ -38,7 +41,7 @@ HOST_PY=${PYTHON:-python3}
 
 usage() {
   cat <<'EOF'
-usage: rootfs-check.sh [--arch arm64|amd64] [--dir DIR] [--mirror URL] [--bundle DIR]
+usage: rootfs-check.sh [--arch arm64|armhf|amd64] [--dir DIR] [--mirror URL] [--bundle DIR]
                        [--fresh] [--boot [--with-broker]] [--steady SECONDS]
   --arch      Debian architecture of the rootfs (default arm64)
   --dir       where the rootfs lives (default /var/tmp/retrofit-rootfs-<arch>)
@@ -71,8 +74,9 @@ while (($#)); do
 done
 case $ARCH in
   arm64) PYARCH=aarch64; QEMU=aarch64 ;;
+  armhf) PYARCH=armv7l; QEMU=arm ;;
   amd64) PYARCH=x86_64; QEMU="" ;;
-  *) die "--arch arm64 or amd64 (armhf lacks wheels on PyPI: see make-wheelhouse.sh)" ;;
+  *) die "unsupported --arch $ARCH: arm64, armhf or amd64" ;;
 esac
 [ -n "$WITH_BROKER" ] && ! ((BOOT)) && die "--with-broker goes with --boot"
 DIR=${DIR:-/var/tmp/retrofit-rootfs-$ARCH}
@@ -145,7 +149,11 @@ cleanup() {
 trap cleanup EXIT
 if [ -z "$BUNDLE" ]; then
   say "making the $PYARCH wheelhouse bundle"
-  bash "$SELF_DIR/make-wheelhouse.sh" --arch "$PYARCH" --out "$WORK/wh"
+  # PyPI has no armv7l wheels of some dependencies: those are built on this machine, in an
+  # armhf rootfs of their own (make-wheelhouse.sh --build-missing).
+  WH_EXTRA=()
+  [ "$PYARCH" = armv7l ] && WH_EXTRA=(--build-missing)
+  bash "$SELF_DIR/make-wheelhouse.sh" --arch "$PYARCH" "${WH_EXTRA[@]}" --out "$WORK/wh"
   BUNDLE=$(find "$WORK/wh" -mindepth 1 -maxdepth 1 -type d -name "retrofit-gateway-*-$PYARCH" | head -n 1)
 fi
 [ -x "$BUNDLE/install.sh" ] || die "not a bundle (no install.sh): $BUNDLE"
