@@ -150,6 +150,9 @@ log = logging.getLogger("gateway.sinks.mqtt")
 
 #: TCP connect plus CONNACK.
 CONNECT_TIMEOUT = 10.0
+#: How long a TLS 1.3 connect waits after the handshake for the broker's verdict on our client
+#: certificate (session tickets or an alert) before sending CONNECT; see _after_handshake.
+TLS13_SETTLE = 0.2
 #: protocol auto: how long an MQTT 5 CONNECT waits for its CONNACK before 3.1.1 is tried. A
 #: 3.1.1-only broker may neither answer nor close (amqtt, the demo's broker, does that).
 V5_CONNACK_TIMEOUT = 3.0
@@ -942,7 +945,9 @@ class MqttLink:
                     except ssl.SSLWantWriteError:
                         await _ready(loop, tls.fileno(), writable=True)
                     else:
-                        return tls
+                        break
+            if tls.version() == "TLSv1.3":
+                await self._after_handshake(loop, tls)
         except (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionError):
             tls.close()
             raise _Refused(
@@ -955,6 +960,28 @@ class MqttLink:
         except BaseException:
             tls.close()
             raise
+        return tls
+
+    async def _after_handshake(self, loop: asyncio.AbstractEventLoop, tls: ssl.SSLSocket) -> None:
+        """In TLS 1.3 the broker judges our client certificate (or its absence) after the
+        handshake and answers with session tickets or an alert, then closes. A CONNECT sent
+        at once races that close: the broker's reset can discard the alert unread, and the
+        reason would be lost ("closed without answering"). So wait briefly for what comes
+        first. Nothing of MQTT can arrive before our CONNECT, so a read here only takes TLS
+        records."""
+        try:
+            async with asyncio.timeout(TLS13_SETTLE):
+                await _ready(loop, tls.fileno(), writable=False)
+        except TimeoutError:
+            return  # a broker that sends no tickets: nothing to wait for
+        try:
+            tls.recv(1)
+        except ssl.SSLWantReadError:
+            return  # session tickets only
+        except ssl.SSLEOFError:
+            raise
+        except ssl.SSLError as exc:
+            raise _Refused(_tls_problem(exc, self._tls_name(), self.broker)) from None
 
     async def _open_socket(self, loop: asyncio.AbstractEventLoop) -> socket.socket:
         host, port = self.section.host, self.section.port
@@ -1075,6 +1102,16 @@ class MqttLink:
                 why = "the broker closed the connection without answering"
                 if self.section.tls is None:
                     why += " (a TLS port? then configure tls:)"
+                elif self.section.tls.cert_file is None:
+                    # A TLS 1.3 broker that wants a client certificate says so in an alert
+                    # after the handshake and closes; when our CONNECT races that close, the
+                    # peer's reset can discard the alert before we read it. Say the likely
+                    # cause rather than nothing.
+                    why = (
+                        "TLS: the broker closed the connection right after the handshake "
+                        "without answering: it may require a client certificate (set "
+                        "tls.cert_file and tls.key_file)"
+                    )
                 connack.set_exception(_Refused(why, version=True))
         self.user.link_down(unsent)
 
