@@ -63,8 +63,6 @@ PID=$(prop MainPID)
 R[user]=$(ps -o user= -p "$PID" | tr -d ' ')
 R[cap_eff]=$(awk '/^CapEff/ {print $2}' "/proc/$PID/status")
 R[no_new_privs]=$(awk '/^NoNewPrivs/ {print $2}' "/proc/$PID/status")
-# 2 = a seccomp filter is installed (MemoryDenyWriteExecute, SystemCallArchitectures).
-R[seccomp]=$(awk '/^Seccomp:/ {print $2}' "/proc/$PID/status")
 R[rss_mb]=$(awk '/^VmRSS/ {printf "%.1f", $2 / 1024}' "/proc/$PID/status")
 if [ -e /root/selftest-with-broker ]; then
   wait_for 60 bash -c "journalctl -b -u $U --no-pager -o cat | grep -q 'MQTT: connected to 127.0.0.1:1883'"
