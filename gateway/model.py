@@ -31,12 +31,14 @@ TagKey = str
 
 
 class DataType(enum.StrEnum):
-    """What ``TagSpec.datatype`` holds: the Modbus driver's data types, which every driver's
-    tags map onto. A StrEnum, so a plain string compares equal to its member; look a string
-    up with :meth:`of`."""
+    """The data type of a tag: how its registers or bits are read."""
 
-    BOOL = "bool"
-    BIT = "bit"
+    # What TagSpec.datatype holds, for every driver (the Modbus config uses it directly; the
+    # docstring above is what config schemas show). A StrEnum, so a plain string compares
+    # equal to its member; look a string up with `of`.
+
+    BOOL = "bool"  # a coil or discrete input
+    BIT = "bit"  # one bit of a register, chosen by ``bit``
     INT16 = "int16"
     UINT16 = "uint16"
     INT32 = "int32"
@@ -47,7 +49,7 @@ class DataType(enum.StrEnum):
     FLOAT64 = "float64"
     BCD16 = "bcd16"
     BCD32 = "bcd32"
-    STRING = "string"
+    STRING = "string"  # ``count`` registers of ASCII, two characters per register
 
     @classmethod
     def of(cls, name: str) -> DataType | None:

@@ -12,6 +12,10 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+# One list of tag types for every driver and sink (is_integer/is_numeric live there); the
+# Modbus config re-exports it under its old name.
+from gateway.model import DataType
+
 __all__ = [
     "MAX_BITS_PER_REQUEST",
     "MAX_REGISTERS_PER_REQUEST",
@@ -53,22 +57,6 @@ class Table(enum.StrEnum):
     @property
     def is_bits(self) -> bool:
         return self in (Table.COIL, Table.DISCRETE_INPUT)
-
-
-class DataType(enum.StrEnum):
-    BOOL = "bool"  # a coil or discrete input
-    BIT = "bit"  # one bit of a register, chosen by ``bit``
-    INT16 = "int16"
-    UINT16 = "uint16"
-    INT32 = "int32"
-    UINT32 = "uint32"
-    INT64 = "int64"
-    UINT64 = "uint64"
-    FLOAT32 = "float32"
-    FLOAT64 = "float64"
-    BCD16 = "bcd16"
-    BCD32 = "bcd32"
-    STRING = "string"  # ``count`` registers of ASCII, two characters per register
 
 
 class ByteOrder(enum.StrEnum):
