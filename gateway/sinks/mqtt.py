@@ -979,9 +979,29 @@ class MqttLink:
         except ssl.SSLWantReadError:
             return  # session tickets only
         except ssl.SSLEOFError:
-            raise
+            # Closed after a complete handshake, before any MQTT: not "a plain MQTT port".
+            raise _Refused(self._silent_close()) from None
         except ssl.SSLError as exc:
             raise _Refused(_tls_problem(exc, self._tls_name(), self.broker)) from None
+
+    def _silent_close(self) -> str:
+        """Why the broker may have closed the connection without an MQTT answer."""
+        tls = self.section.tls
+        if tls is None:
+            return (
+                "the broker closed the connection without answering (a TLS port? then "
+                "configure tls:)"
+            )
+        if tls.cert_file is None:
+            # A TLS 1.3 broker that wants a client certificate says so in an alert after the
+            # handshake and closes; the alert can be lost to the reset that follows (see
+            # _after_handshake). Say the likely cause rather than nothing.
+            return (
+                "TLS: the broker closed the connection right after the handshake without "
+                "answering: it may require a client certificate (set tls.cert_file and "
+                "tls.key_file)"
+            )
+        return "the broker closed the connection without answering"
 
     async def _open_socket(self, loop: asyncio.AbstractEventLoop) -> socket.socket:
         host, port = self.section.host, self.section.port
@@ -1099,20 +1119,7 @@ class MqttLink:
             if self._lost_reason:
                 connack.set_exception(_Refused(self._lost_reason))
             else:
-                why = "the broker closed the connection without answering"
-                if self.section.tls is None:
-                    why += " (a TLS port? then configure tls:)"
-                elif self.section.tls.cert_file is None:
-                    # A TLS 1.3 broker that wants a client certificate says so in an alert
-                    # after the handshake and closes; when our CONNECT races that close, the
-                    # peer's reset can discard the alert before we read it. Say the likely
-                    # cause rather than nothing.
-                    why = (
-                        "TLS: the broker closed the connection right after the handshake "
-                        "without answering: it may require a client certificate (set "
-                        "tls.cert_file and tls.key_file)"
-                    )
-                connack.set_exception(_Refused(why, version=True))
+                connack.set_exception(_Refused(self._silent_close(), version=True))
         self.user.link_down(unsent)
 
     def _on_socket_register_write(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
